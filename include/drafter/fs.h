@@ -1,0 +1,14 @@
+/* fs.h — small file-system helpers: parent directories, files replaced atomically. */
+#pragma once
+
+#include <stddef.h>
+
+/* Create the directories leading to `path` (not `path` itself), like mkdir -p "$(dirname path)". */
+int fs_mkdir_parents(const char *path);
+
+/* Write `len` bytes to `path` through a temporary file in the same directory, fsync, rename:
+ * readers see the old file or the whole new one, never a part. */
+int fs_write_file_atomic(const char *path, const void *data, size_t len);
+
+/* fsync the directory containing `path` so a rename or create in it is durable. */
+int fs_fsync_parent(const char *path);

@@ -1,0 +1,74 @@
+/* fs.c — parent directories and atomic file replacement (see fs.h). */
+#include "drafter/fs.h"
+#include "drafter/cleanup.h"
+#include "drafter/error.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+int fs_mkdir_parents(const char *path) {
+        _cleanup_free_ char *copy = strdup(path);
+        if (!copy)
+                return -ENOMEM;
+        char *slash = strrchr(copy, '/');
+        if (!slash || slash == copy)
+                return 0;
+        *slash = '\0';
+        for (char *p = copy + 1; *p; p++) {
+                if (*p != '/')
+                        continue;
+                *p = '\0';
+                if (mkdir(copy, 0755) < 0 && errno != EEXIST)
+                        return error_set_errno(-errno, "cannot create directory %s", copy);
+                *p = '/';
+        }
+        if (mkdir(copy, 0755) < 0 && errno != EEXIST)
+                return error_set_errno(-errno, "cannot create directory %s", copy);
+        return 0;
+}
+
+int fs_fsync_parent(const char *path) {
+        _cleanup_free_ char *copy = strdup(path);
+        if (!copy)
+                return -ENOMEM;
+        _cleanup_close_ int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) < 0)
+                return error_set_errno(-errno, "cannot sync directory of %s", path);
+        return 0;
+}
+
+int fs_write_file_atomic(const char *path, const void *data, size_t len) {
+        size_t tmp_len = strlen(path) + 16;
+        _cleanup_free_ char *tmp = malloc(tmp_len);
+        if (!tmp)
+                return -ENOMEM;
+        snprintf(tmp, tmp_len, "%s.tmpXXXXXX", path);
+        _cleanup_close_ int fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return error_set_errno(-errno, "cannot create temporary file for %s", path);
+        const char *p = data;
+        size_t left = len;
+        while (left > 0) {
+                ssize_t n = write(fd, p, left);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        int r = error_set_errno(-errno, "cannot write %s", tmp);
+                        unlink(tmp);
+                        return r;
+                }
+                p += n;
+                left -= (size_t)n;
+        }
+        if (fchmod(fd, 0644) < 0 || fsync(fd) < 0 || rename(tmp, path) < 0) {
+                int r = error_set_errno(-errno, "cannot replace %s", path);
+                unlink(tmp);
+                return r;
+        }
+        return fs_fsync_parent(path);
+}
