@@ -1,0 +1,123 @@
+/* drafter-expose — serve devices from a --devices list through an NBD server (unix socket and/or
+ * TCP) until interrupted. Used by the interop tests and benchmarks, and handy on its own:
+ *
+ *   drafter-expose --devices '[{"name":"disk","base":"disk.img","shared":true}]' \
+ *                  --nbd-unix /run/disk.sock --nbd-tcp localhost:10809
+ */
+#include "drafter/address.h"
+#include "drafter/cleanup.h"
+#include "drafter/device_config.h"
+#include "drafter/error.h"
+#include "drafter/flags.h"
+#include "drafter/log.h"
+#include "drafter/nbd_server.h"
+#include "drafter/storage.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char default_devices[] =
+        "[{\"name\":\"disk\",\"base\":\"out/package/rootfs.ext4\",\"overlay\":\"out/overlay/rootfs.ext4\","
+        "\"state\":\"out/state/rootfs.ext4\"}]";
+
+int main(int argc, char **argv) {
+        const char *devices_json = default_devices, *nbd_unix = "", *nbd_tcp = "";
+        bool read_only = false, verbose = false;
+        int64_t threads = 4;
+        struct flag flags[] = {
+                {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
+                {"nbd-unix", FLAG_STRING, &nbd_unix, "Unix socket to serve NBD on (leave empty to disable)"},
+                {"nbd-tcp", FLAG_STRING, &nbd_tcp, "TCP address to serve NBD on, host:port (leave empty to disable)"},
+                {"read-only", FLAG_BOOL, &read_only, "Whether to refuse writes"},
+                {"threads", FLAG_INT, &threads, "Threads serving each NBD connection"},
+                {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
+        };
+        int r = flags_parse("drafter-expose", flags, ELEMENTSOF(flags), argc, argv, stderr, NULL);
+        if (r == FLAGS_HELP)
+                return 0;
+        if (r < 0)
+                return 2;
+        log_setup_from_env();
+        if (verbose)
+                log_set_level(LOG_DEBUG);
+        if (!*nbd_unix && !*nbd_tcp) {
+                log_error("nothing to serve on: give --nbd-unix and/or --nbd-tcp");
+                return 2;
+        }
+        if (threads < 1 || threads > 16) {
+                log_error("--threads must be from 1 to 16");
+                return 2;
+        }
+
+        /* Signals go to sigwait() below, not to whichever thread runs. */
+        sigset_t stop;
+        sigemptyset(&stop);
+        sigaddset(&stop, SIGINT);
+        sigaddset(&stop, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &stop, NULL);
+        signal(SIGPIPE, SIG_IGN);
+
+        struct device_list list;
+        if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &list) < 0 ||
+            device_list_check_inputs(&list, DEVICE_SCHEMA_PEER) < 0) {
+                log_error("%s", error_message());
+                return 1;
+        }
+        int status = 1;
+        struct block_device **devs = calloc(list.count ? list.count : 1, sizeof(*devs));
+        struct nbd_export *exports = calloc(list.count ? list.count : 1, sizeof(*exports));
+        struct nbd_server *srv = NULL;
+        if (!devs || !exports)
+                goto out;
+        for (size_t i = 0; i < list.count; i++) {
+                if (storage_open_device(&list.devices[i], &devs[i]) < 0) {
+                        log_error("%s", error_message());
+                        goto out;
+                }
+                exports[i] = (struct nbd_export){list.devices[i].name, NULL, devs[i], read_only};
+        }
+        if (nbd_server_new(&(struct nbd_server_config){exports, list.count, (unsigned)threads, 0}, &srv) < 0) {
+                log_error("%s", error_message());
+                goto out;
+        }
+        if (*nbd_unix) {
+                if (nbd_server_listen_unix(srv, nbd_unix) < 0) {
+                        log_error("%s", error_message());
+                        goto out;
+                }
+                log_info("Serving NBD on unix:%s", nbd_unix);
+        }
+        if (*nbd_tcp) {
+                char host[256], port[16];
+                if (address_split(nbd_tcp, host, sizeof(host), port, sizeof(port)) < 0 ||
+                    nbd_server_listen_tcp(srv, host, port) < 0) {
+                        log_error("%s", error_message());
+                        goto out;
+                }
+                log_info("Serving NBD on %s (port %d)", nbd_tcp, nbd_server_tcp_port(srv));
+        }
+        if (nbd_server_start(srv) < 0) {
+                log_error("%s", error_message());
+                goto out;
+        }
+        fflush(stderr);
+        int sig;
+        sigwait(&stop, &sig);
+        log_info("Shutting down");
+        status = 0;
+out:
+        nbd_server_free(srv);
+        for (size_t i = 0; devs && i < list.count; i++) {
+                if (devs[i] && block_device_flush(devs[i]) < 0) {
+                        log_error("%s", error_message());
+                        status = 1;
+                }
+                block_device_close(devs[i]);
+        }
+        free(devs);
+        free(exports);
+        device_list_free(&list);
+        return status;
+}

@@ -1,0 +1,8 @@
+/* address.h — "host:port" as Go's net.SplitHostPort reads it: "localhost:1337", ":1337" (all
+ * addresses), "[::1]:1337" (IPv6 in brackets). */
+#pragma once
+
+#include <stddef.h>
+
+/* Split into host (may be "") and port. Returns -EINVAL with a message on malformed input. */
+int address_split(const char *address, char *host, size_t host_size, char *port, size_t port_size);

@@ -1,0 +1,60 @@
+# lib.sh — shared by the interop tests: a scratch directory, a drafter-expose server, cleanup on
+# every exit path, and skip (exit 77) only when a tool is genuinely missing.
+set -euo pipefail
+
+: "${DRAFTER_EXPOSE:?run through meson test}"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/drafter-interop.XXXXXX")
+SERVER_PID=""
+CLEANUP_CMDS=()
+
+cleanup() {
+        local rc=$?
+        for ((i = ${#CLEANUP_CMDS[@]} - 1; i >= 0; i--)); do eval "${CLEANUP_CMDS[i]}" || true; done
+        if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+                kill -INT "$SERVER_PID" 2>/dev/null || true
+                wait "$SERVER_PID" 2>/dev/null || true
+        fi
+        rm -rf "$WORK"
+        exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+on_exit() { CLEANUP_CMDS+=("$1"); }
+
+need() {
+        for tool in "$@"; do
+                command -v "$tool" >/dev/null || { echo "SKIP: $tool is not installed"; exit 77; }
+        done
+}
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# start_server DEVICES_JSON [extra flags…]: serve on $WORK/nbd.sock; sets SERVER_PID and URI_BASE.
+start_server() {
+        local devices=$1
+        shift
+        "$DRAFTER_EXPOSE" --devices "$devices" --nbd-unix "$WORK/nbd.sock" "$@" 2>"$WORK/server.log" &
+        SERVER_PID=$!
+        for _ in $(seq 1 200); do
+                [[ -S "$WORK/nbd.sock" ]] && grep -q "Serving NBD" "$WORK/server.log" && break
+                kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; fail "server did not start"; }
+                sleep 0.05
+        done
+        [[ -S "$WORK/nbd.sock" ]] || fail "server socket did not appear"
+        URI_BASE="nbd+unix:///%s?socket=$WORK/nbd.sock"
+}
+
+uri() { printf "$URI_BASE" "$1"; }
+
+stop_server() {
+        kill -INT "$SERVER_PID"
+        wait "$SERVER_PID" || fail "server exited with status $?"
+        SERVER_PID=""
+        [[ ! -e "$WORK/nbd.sock" ]] || fail "server left its socket behind"
+}
+
+# random_file PATH SIZE_BYTES SEED: deterministic data.
+random_file() {
+        python3 -c 'import random,sys; r=random.Random(int(sys.argv[2])); sys.stdout.buffer.write(r.randbytes(int(sys.argv[1])))' "$2" "$3" >"$1"
+}
