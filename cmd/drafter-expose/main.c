@@ -1,14 +1,16 @@
-/* drafter-expose — serve devices from a --devices list through an NBD server (unix socket and/or
- * TCP) until interrupted. Used by the interop tests and benchmarks, and handy on its own:
+/* drafter-expose — serve devices from a --devices list as files in a FUSE mount and/or through an
+ * NBD server (unix socket, TCP) until interrupted. Used by the interop tests and benchmarks, and
+ * handy on its own:
  *
  *   drafter-expose --devices '[{"name":"disk","base":"disk.img","shared":true}]' \
- *                  --nbd-unix /run/disk.sock --nbd-tcp localhost:10809
+ *                  --fuse-dir /run/vm0 --nbd-unix /run/disk.sock --nbd-tcp localhost:10809
  */
 #include "drafter/address.h"
 #include "drafter/cleanup.h"
 #include "drafter/device_config.h"
 #include "drafter/error.h"
 #include "drafter/flags.h"
+#include "drafter/fuse_export.h"
 #include "drafter/log.h"
 #include "drafter/nbd_server.h"
 #include "drafter/storage.h"
@@ -23,11 +25,12 @@ static const char default_devices[] =
         "\"state\":\"out/state/rootfs.ext4\"}]";
 
 int main(int argc, char **argv) {
-        const char *devices_json = default_devices, *nbd_unix = "", *nbd_tcp = "";
+        const char *devices_json = default_devices, *nbd_unix = "", *nbd_tcp = "", *fuse_dir = "";
         bool read_only = false, verbose = false;
         int64_t threads = 4;
         struct flag flags[] = {
                 {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
+                {"fuse-dir", FLAG_STRING, &fuse_dir, "Directory to mount the devices in as files (leave empty to disable)"},
                 {"nbd-unix", FLAG_STRING, &nbd_unix, "Unix socket to serve NBD on (leave empty to disable)"},
                 {"nbd-tcp", FLAG_STRING, &nbd_tcp, "TCP address to serve NBD on, host:port (leave empty to disable)"},
                 {"read-only", FLAG_BOOL, &read_only, "Whether to refuse writes"},
@@ -42,8 +45,8 @@ int main(int argc, char **argv) {
         log_setup_from_env();
         if (verbose)
                 log_set_level(LOG_DEBUG);
-        if (!*nbd_unix && !*nbd_tcp) {
-                log_error("nothing to serve on: give --nbd-unix and/or --nbd-tcp");
+        if (!*nbd_unix && !*nbd_tcp && !*fuse_dir) {
+                log_error("nothing to serve on: give --fuse-dir, --nbd-unix and/or --nbd-tcp");
                 return 2;
         }
         if (threads < 1 || threads > 16) {
@@ -68,8 +71,10 @@ int main(int argc, char **argv) {
         int status = 1;
         struct block_device **devs = calloc(list.count ? list.count : 1, sizeof(*devs));
         struct nbd_export *exports = calloc(list.count ? list.count : 1, sizeof(*exports));
+        struct fuse_export_device *files = calloc(list.count ? list.count : 1, sizeof(*files));
         struct nbd_server *srv = NULL;
-        if (!devs || !exports)
+        struct fuse_export *fx = NULL;
+        if (!devs || !exports || !files)
                 goto out;
         for (size_t i = 0; i < list.count; i++) {
                 if (storage_open_device(&list.devices[i], &devs[i]) < 0) {
@@ -77,7 +82,17 @@ int main(int argc, char **argv) {
                         goto out;
                 }
                 exports[i] = (struct nbd_export){list.devices[i].name, NULL, devs[i], read_only};
+                files[i] = (struct fuse_export_device){list.devices[i].name, devs[i], read_only};
         }
+        if (*fuse_dir) {
+                if (fuse_export_start(fuse_dir, files, list.count, &fx) < 0) {
+                        log_error("%s", error_message());
+                        goto out;
+                }
+                log_info("Serving devices as files in %s", fuse_dir);
+        }
+        if (!*nbd_unix && !*nbd_tcp)
+                goto wait;
         if (nbd_server_new(&(struct nbd_server_config){exports, list.count, (unsigned)threads, 0}, &srv) < 0) {
                 log_error("%s", error_message());
                 goto out;
@@ -102,12 +117,14 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 goto out;
         }
+wait:
         fflush(stderr);
         int sig;
         sigwait(&stop, &sig);
         log_info("Shutting down");
         status = 0;
 out:
+        fuse_export_stop(fx);
         nbd_server_free(srv);
         for (size_t i = 0; devs && i < list.count; i++) {
                 if (devs[i] && block_device_flush(devs[i]) < 0) {
@@ -118,6 +135,7 @@ out:
         }
         free(devs);
         free(exports);
+        free(files);
         device_list_free(&list);
         return status;
 }

@@ -48,9 +48,16 @@ int nbd_server_start(struct nbd_server *srv);
  * connection breaks; takes ownership of fd. Returns 0 after a clean disconnect. */
 int nbd_server_serve_fd(struct nbd_server *srv, int fd);
 
+/* Serve a socket that is already in the transmission phase for export `export_index`, with simple
+ * replies (how the kernel's NBD client talks after userspace did the handshake). Takes fd. */
+int nbd_server_serve_transmission(struct nbd_server *srv, int fd, size_t export_index);
+
 /* Stop listening, close every connection, wait for their threads. */
 void nbd_server_stop(struct nbd_server *srv);
 void nbd_server_free(struct nbd_server *srv);
+
+/* Size of export `export_index`, or UINT64_MAX if there is none. */
+uint64_t nbd_server_export_size(struct nbd_server *srv, size_t export_index);
 
 /* Counters for tests and progress output. */
 struct nbd_server_stats {

@@ -401,8 +401,8 @@ static uint32_t nbd_errno(int err) {
                 return NBD_ENOSPC;
         case EOVERFLOW:
                 return NBD_EOVERFLOW;
-        case EOPNOTSUPP:
-                return NBD_ENOTSUP;
+        case EOPNOTSUPP: /* ENOTSUP is reserved for FAST_ZERO, which we do not offer */
+                return NBD_EINVAL;
         case ESHUTDOWN:
                 return NBD_ESHUTDOWN;
         default:
@@ -522,19 +522,19 @@ static void handle_request(struct nbd_connection *c, const struct request *req, 
         uint16_t allowed = 0;
         int r = 0;
 
+        /* FUA is valid on every command once advertised (a no-op where nothing is written). */
         switch (req->type) {
         case NBD_CMD_READ:
-                allowed = c->structured ? NBD_CMD_FLAG_DF : 0;
+                allowed = NBD_CMD_FLAG_FUA | (c->structured ? NBD_CMD_FLAG_DF : 0);
                 break;
         case NBD_CMD_WRITE:
         case NBD_CMD_TRIM:
+        case NBD_CMD_FLUSH:
+        case NBD_CMD_CACHE:
                 allowed = NBD_CMD_FLAG_FUA;
                 break;
         case NBD_CMD_WRITE_ZEROES:
                 allowed = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE;
-                break;
-        case NBD_CMD_FLUSH:
-        case NBD_CMD_CACHE:
                 break;
         default:
                 snprintf(msg, sizeof(msg), "unknown command %u", req->type);
@@ -547,7 +547,9 @@ static void handle_request(struct nbd_connection *c, const struct request *req, 
         if (req->type != NBD_CMD_FLUSH && !in_range(dev, req)) {
                 snprintf(msg, sizeof(msg), "%s: range %llu+%u is beyond the export size %llu", e->name,
                          (unsigned long long)req->offset, req->length, (unsigned long long)dev->size);
-                return reply_error(c, req, req->type == NBD_CMD_WRITE ? NBD_ENOSPC : NBD_EINVAL, msg);
+                /* The spec asks for ENOSPC when a write would run past the end, EINVAL otherwise. */
+                bool writes = req->type == NBD_CMD_WRITE || req->type == NBD_CMD_WRITE_ZEROES;
+                return reply_error(c, req, writes ? NBD_ENOSPC : NBD_EINVAL, msg);
         }
         if (e->read_only && (req->type == NBD_CMD_WRITE || req->type == NBD_CMD_TRIM ||
                              req->type == NBD_CMD_WRITE_ZEROES))
@@ -583,7 +585,7 @@ static void handle_request(struct nbd_connection *c, const struct request *req, 
         case NBD_CMD_CACHE:
                 break; /* a hint; reads are served from the device as they come */
         }
-        if (r >= 0 && (req->flags & NBD_CMD_FLAG_FUA))
+        if (r >= 0 && (req->flags & NBD_CMD_FLAG_FUA) && req->type != NBD_CMD_CACHE && req->type != NBD_CMD_FLUSH)
                 r = block_device_flush(dev);
         if (r < 0)
                 return reply_error(c, req, nbd_errno(r), error_message());
@@ -678,7 +680,8 @@ static void connection_finish(struct nbd_connection *c) {
 
 static int connection_run(struct nbd_connection *c) {
         STAT_INC(c->srv, connections);
-        int r = handshake(c);
+        /* A connection handed over with its export chosen (the kernel client) skips the handshake. */
+        int r = c->export ? 1 : handshake(c);
         if (r <= 0) {
                 if (r < 0) {
                         STAT_INC(c->srv, protocol_closes);
@@ -738,6 +741,25 @@ int nbd_server_serve_fd(struct nbd_server *srv, int fd) {
                 close(fd);
                 return -ENOMEM;
         }
+        connection_link(srv, c);
+        int r = connection_run(c);
+        connection_finish(c);
+        connection_unlink(srv, c);
+        connection_free(c);
+        return r;
+}
+
+int nbd_server_serve_transmission(struct nbd_server *srv, int fd, size_t export_index) {
+        if (export_index >= srv->export_count) {
+                close(fd);
+                return error_set(-EINVAL, "nbd: no export %zu", export_index);
+        }
+        struct nbd_connection *c = connection_new(srv, fd);
+        if (!c) {
+                close(fd);
+                return -ENOMEM;
+        }
+        c->export = &srv->exports[export_index];
         connection_link(srv, c);
         int r = connection_run(c);
         connection_finish(c);
@@ -905,6 +927,10 @@ int nbd_server_listen_tcp(struct nbd_server *srv, const char *host, const char *
         if (r == 0)
                 srv->tcp_port = bound_port;
         return r;
+}
+
+uint64_t nbd_server_export_size(struct nbd_server *srv, size_t export_index) {
+        return export_index < srv->export_count ? srv->exports[export_index].dev->size : UINT64_MAX;
 }
 
 int nbd_server_tcp_port(struct nbd_server *srv) {

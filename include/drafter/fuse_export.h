@@ -1,0 +1,49 @@
+/* fuse_export.h — devices as files in a FUSE mount: what a VMM maps and opens.
+ *
+ * One mount per VM instance; each device is a regular file named after it, of the device's exact
+ * size. The kernel's writeback cache is on, so a shared mapping of a file (QEMU's guest RAM with
+ * share=on) works, and pages dirtied through it reach the device (and any dirty tracker in its
+ * stack) on write-back. fuse_export_sync() is the barrier a pre-copy cycle needs: when it returns,
+ * every page dirtied before the call has reached the device. (syncfs() alone is not such a
+ * barrier on FUSE: it can return before the daemon has received the pages.) A VMM's fsync() also
+ * flushes the device;
+ * fallocate(PUNCH_HOLE or ZERO_RANGE) discards. Reads of blocks that have not arrived wait in the
+ * device's waiting cache; fuse_export_invalidate() drops kernel-cached pages of blocks that
+ * arrive later. Served by a pool of threads, so a waiting read stalls nothing else.
+ *
+ * A mount left behind by a process that died is detected and detached on the next start. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "drafter/block_device.h"
+
+struct fuse_export_device {
+        const char *name;         /* file name in the mount */
+        struct block_device *dev; /* not owned */
+        bool read_only;
+};
+
+struct fuse_export;
+
+/* Mount at `mountpoint` (created if missing) and start serving. */
+int fuse_export_start(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
+                      struct fuse_export **ret_export);
+
+/* Path of device `index` inside the mount (valid until stop). */
+const char *fuse_export_path(struct fuse_export *fx, size_t index);
+
+/* Write back every page dirtied through mappings or the page cache, and wait until the devices
+ * have received them all. Thread-safe. */
+int fuse_export_sync(struct fuse_export *fx);
+
+/* Drop cached pages of [off, off+len) of device `index` (after its blocks changed underneath). */
+int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, uint64_t len);
+
+/* Unmount (lazily if still busy), stop the threads, free. NULL is fine. */
+void fuse_export_stop(struct fuse_export *fx);
+
+/* If `mountpoint` is a dead FUSE mount (ENOTCONN), detach it. Returns 1 if one was cleared. */
+int fuse_export_clear_stale(const char *mountpoint);
