@@ -515,7 +515,26 @@ static int write_zeroes(struct block_device *dev, uint64_t off, uint32_t len, bo
         return 0;
 }
 
-static void handle_request(struct nbd_connection *c, const struct request *req, void *payload) {
+/* Per worker: buffers reused across requests (a fresh large malloc is a fresh mmap, and
+ * faulting its pages in costs more than the copy itself). */
+struct worker_buffers {
+        void *payload, *read;
+        size_t payload_cap, read_cap;
+};
+
+static void *buffer_reserve(void **buf, size_t *cap, size_t len) {
+        if (len > *cap) {
+                void *grown = realloc(*buf, len);
+                if (!grown)
+                        return NULL;
+                *buf = grown;
+                *cap = len;
+        }
+        return *buf;
+}
+
+static void handle_request(struct nbd_connection *c, const struct request *req, struct worker_buffers *wb) {
+        void *payload = wb->payload;
         const struct nbd_export *e = c->export;
         struct block_device *dev = e->dev;
         char msg[256];
@@ -562,7 +581,7 @@ static void handle_request(struct nbd_connection *c, const struct request *req, 
 
         switch (req->type) {
         case NBD_CMD_READ: {
-                _cleanup_free_ void *buf = malloc(req->length ? req->length : 1);
+                void *buf = buffer_reserve(&wb->read, &wb->read_cap, req->length ? req->length : 1);
                 if (!buf)
                         return reply_error(c, req, NBD_ENOMEM, "out of memory");
                 r = block_device_read_at(dev, buf, req->length, req->offset);
@@ -595,8 +614,7 @@ static void handle_request(struct nbd_connection *c, const struct request *req, 
 /* Take turns with the other workers: read one request (and a write's payload), then serve it. */
 static void *transmission_worker(void *arg) {
         struct nbd_connection *c = arg;
-        void *payload = NULL;
-        size_t payload_cap = 0;
+        struct worker_buffers wb = {0};
 
         for (;;) {
                 pthread_mutex_lock(&c->read_lock);
@@ -639,18 +657,12 @@ static void *transmission_worker(void *arg) {
                                 pthread_mutex_unlock(&c->read_lock);
                                 break;
                         }
-                        if (req.length > payload_cap) {
-                                free(payload);
-                                payload_cap = req.length;
-                                payload = malloc(payload_cap);
-                                if (!payload) {
-                                        payload_cap = 0;
-                                        mark_dead(c);
-                                        pthread_mutex_unlock(&c->read_lock);
-                                        break;
-                                }
+                        if (!buffer_reserve(&wb.payload, &wb.payload_cap, req.length ? req.length : 1)) {
+                                mark_dead(c);
+                                pthread_mutex_unlock(&c->read_lock);
+                                break;
                         }
-                        if (read_full(c->fd, payload, req.length) < 0) {
+                        if (read_full(c->fd, wb.payload, req.length) < 0) {
                                 mark_dead(c);
                                 pthread_mutex_unlock(&c->read_lock);
                                 break;
@@ -665,9 +677,10 @@ static void *transmission_worker(void *arg) {
                 }
                 pthread_mutex_unlock(&c->read_lock);
                 STAT_INC(c->srv, requests);
-                handle_request(c, &req, payload);
+                handle_request(c, &req, &wb);
         }
-        free(payload);
+        free(wb.payload);
+        free(wb.read);
         return NULL;
 }
 
