@@ -88,56 +88,40 @@ static void wake_all(struct waiting_cache *w) {
         pthread_mutex_unlock(&w->lock);
 }
 
-static int cache_write_at(struct block_device *dev, const void *buf, size_t len, uint64_t off) {
-        struct waiting_cache *w = to_cache(dev);
-        const char *p = buf;
+/* Write `buf` (or discard, with buf NULL) block by block. A whole missing block becomes present
+ * without waiting (its arrival is then dropped); a partial one must arrive first. */
+static int cache_modify(struct waiting_cache *w, const char *buf, size_t len, uint64_t off) {
+        struct block_device *dev = &w->dev;
         while (len > 0) {
                 uint64_t block = off / dev->block_size;
                 size_t block_len = block_device_block_length(dev, block);
                 size_t n = (size_t)MIN((uint64_t)len, block * dev->block_size + block_len - off);
-                bool whole = n == block_len;
                 int r;
 
-                if (!whole && (r = wait_for_blocks(w, block, block)) < 0)
+                if (n != block_len && (r = wait_for_blocks(w, block, block)) < 0)
                         return r;
                 pthread_mutex_lock(stripe_for(w, block));
-                r = block_device_write_at(w->inner, p, n, off);
+                r = buf ? block_device_write_at(w->inner, buf, n, off) : block_device_discard(w->inner, n, off);
                 bool became_present = r >= 0 && !bitmap_test_and_set(&w->present, block);
                 pthread_mutex_unlock(stripe_for(w, block));
                 if (became_present)
                         wake_all(w);
                 if (r < 0)
                         return r;
-                p += n;
+                if (buf)
+                        buf += n;
                 off += n;
                 len -= n;
         }
         return 0;
 }
 
-static int cache_discard(struct block_device *dev, size_t len, uint64_t off) {
-        struct waiting_cache *w = to_cache(dev);
-        while (len > 0) {
-                uint64_t block = off / dev->block_size;
-                size_t block_len = block_device_block_length(dev, block);
-                size_t n = (size_t)MIN((uint64_t)len, block * dev->block_size + block_len - off);
-                int r;
+static int cache_write_at(struct block_device *dev, const void *buf, size_t len, uint64_t off) {
+        return cache_modify(to_cache(dev), buf, len, off);
+}
 
-                /* A whole missing block need not arrive to be zeroed; a partial one must. */
-                if (n != block_len && (r = wait_for_blocks(w, block, block)) < 0)
-                        return r;
-                pthread_mutex_lock(stripe_for(w, block));
-                r = block_device_discard(w->inner, n, off);
-                bool became_present = r >= 0 && !bitmap_test_and_set(&w->present, block);
-                pthread_mutex_unlock(stripe_for(w, block));
-                if (became_present)
-                        wake_all(w);
-                if (r < 0)
-                        return r;
-                off += n;
-                len -= n;
-        }
-        return 0;
+static int cache_discard(struct block_device *dev, size_t len, uint64_t off) {
+        return cache_modify(to_cache(dev), NULL, len, off);
 }
 
 static int cache_flush(struct block_device *dev) {

@@ -748,12 +748,14 @@ static void connection_unlink(struct nbd_server *srv, struct nbd_connection *c) 
         pthread_mutex_unlock(&srv->lock);
 }
 
-int nbd_server_serve_fd(struct nbd_server *srv, int fd) {
+/* Serve fd in the calling thread; with `export` set, the handshake is skipped. */
+static int serve_in_caller(struct nbd_server *srv, int fd, const struct nbd_export *export) {
         struct nbd_connection *c = connection_new(srv, fd);
         if (!c) {
                 close(fd);
                 return -ENOMEM;
         }
+        c->export = export;
         connection_link(srv, c);
         int r = connection_run(c);
         connection_finish(c);
@@ -762,23 +764,16 @@ int nbd_server_serve_fd(struct nbd_server *srv, int fd) {
         return r;
 }
 
+int nbd_server_serve_fd(struct nbd_server *srv, int fd) {
+        return serve_in_caller(srv, fd, NULL);
+}
+
 int nbd_server_serve_transmission(struct nbd_server *srv, int fd, size_t export_index) {
         if (export_index >= srv->export_count) {
                 close(fd);
                 return error_set(-EINVAL, "nbd: no export %zu", export_index);
         }
-        struct nbd_connection *c = connection_new(srv, fd);
-        if (!c) {
-                close(fd);
-                return -ENOMEM;
-        }
-        c->export = &srv->exports[export_index];
-        connection_link(srv, c);
-        int r = connection_run(c);
-        connection_finish(c);
-        connection_unlink(srv, c);
-        connection_free(c);
-        return r;
+        return serve_in_caller(srv, fd, &srv->exports[export_index]);
 }
 
 static void *connection_thread(void *arg) {
