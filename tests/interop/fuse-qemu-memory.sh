@@ -4,7 +4,7 @@
 # show them) and what QEMU writes into guest RAM (the loader device copies a file in at reset)
 # must reach the device. No guest runs here (-S); the VM issues boot real guests.
 . "$(dirname "$0")/lib.sh"
-need qemu-system-x86_64 python3 cmp
+need qemu-system-x86_64 python3 cmp mountpoint
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
 
 MEM=$((64 << 20))
@@ -57,4 +57,9 @@ if dev[hi:] != orig[hi:]:
     sys.exit("bytes QEMU never wrote changed on the device")
 print(f"guest RAM read through FUSE; {len(pattern)} bytes written by QEMU reached the device")
 PY
+# Ctrl-C unmounts cleanly.
+kill -INT $SERVER_PID
+wait $SERVER_PID || fail "drafter-expose exited with status $? on SIGINT"
+SERVER_PID=""
+if mountpoint -q "$WORK/vm"; then fail "the FUSE mount is still there after SIGINT"; fi
 echo "ok"

@@ -1,6 +1,6 @@
 /* FUSE device files: plain I/O, a second process writing through a shared mapping whose pages
- * reach the dirty tracker at fuse_export_sync() (exactly the blocks written, cycle after cycle;
- * also checked against plain syncfs, eventually), reads of
+ * reach the dirty tracker at fuse_export_sync() (exactly the blocks written, cycle after cycle),
+ * reads of
  * missing blocks waiting in the waiting cache, invalidation, and stale-mount cleanup. Needs
  * /dev/fuse and permission to mount (root here); skips (77) only without them. */
 #include "helpers.h"
