@@ -8,7 +8,7 @@
 
 static _Thread_local char error_buffer[ERROR_MESSAGE_MAX];
 
-static void error_vformat(const char *fmt, va_list ap) {
+__attribute__((format(printf, 1, 0))) static void error_vformat(const char *fmt, va_list ap) {
         vsnprintf(error_buffer, sizeof(error_buffer), fmt, ap);
 }
 
