@@ -203,17 +203,21 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
         fuse_reply_buf(req, buf, size);
 }
 
+/* The device behind ino if it may be modified; otherwise replies with the error and returns NULL. */
+static const struct fuse_export_device *writable_device(fuse_req_t req, fuse_ino_t ino) {
+        const struct fuse_export_device *d = device_of(export_of(req), ino);
+        if (!d || d->read_only) {
+                fuse_reply_err(req, d ? EROFS : EBADF);
+                return NULL;
+        }
+        return d;
+}
+
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi) {
-        const struct fuse_export_device *d = device_of(export_of(req), ino);
-        if (!d) {
-                fuse_reply_err(req, EBADF);
+        const struct fuse_export_device *d = writable_device(req, ino);
+        if (!d)
                 return;
-        }
-        if (d->read_only) {
-                fuse_reply_err(req, EROFS);
-                return;
-        }
         if (off < 0 || (uint64_t)off > d->dev->size || size > d->dev->size - (uint64_t)off) {
                 fuse_reply_err(req, ENOSPC); /* a device cannot grow */
                 return;
@@ -247,15 +251,9 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 }
 
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, struct fuse_file_info *fi) {
-        const struct fuse_export_device *d = device_of(export_of(req), ino);
-        if (!d) {
-                fuse_reply_err(req, EBADF);
+        const struct fuse_export_device *d = writable_device(req, ino);
+        if (!d)
                 return;
-        }
-        if (d->read_only) {
-                fuse_reply_err(req, EROFS);
-                return;
-        }
         if (off < 0 || len <= 0 || (uint64_t)off > d->dev->size || (uint64_t)len > d->dev->size - (uint64_t)off) {
                 fuse_reply_err(req, (mode & FALLOC_FL_KEEP_SIZE) ? EINVAL : EFBIG);
                 return;
