@@ -1,0 +1,75 @@
+/* migrate.h — device migration over one stream connection (docs/protocol.md).
+ *
+ * Source: migrate_source_run() sends every device in volatility order (NEED_AT requests first),
+ * runs pre-copy dirty cycles, suspends through a hook, invalidates what changed, transfers
+ * authority and streams the rest (post-copy). Destination: migrate_destination_start() receives
+ * into devices it asks the caller to open, wraps each in a waiting cache so reads of blocks that
+ * have not arrived wait (and ask for them), and calls a hook when it takes authority. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "drafter/bitmap.h"
+#include "drafter/block_device.h"
+#include "drafter/migrate_frame.h"
+#include "drafter/volatility_monitor.h"
+
+struct migrate_source_device {
+        const char *name;
+        struct block_device *dev;       /* top of the stack: a dirty tracker (DIRTY_TRACK_AFTER_READ) */
+        struct volatility_monitor *vm;  /* NULL: index order */
+        const struct bitmap *only;      /* sharedbase: send only these blocks (the overlay's presence) */
+        int64_t max_dirty_blocks, min_cycles, max_cycles, cycle_throttle_ns;
+};
+
+struct migrate_source_config {
+        const struct migrate_source_device *devices;
+        size_t count;
+        /* Before each dirty collection: make writes visible to the trackers (FUSE write-back). */
+        int (*before_collect)(void *ctx);
+        /* Pause the VM and save its state; after it, nothing writes to the devices. */
+        int (*suspend)(void *ctx);
+        void *ctx;
+        bool compress; /* offer zstd */
+        /* Progress lines ("Migrated X of Y initial blocks for local device N") through log_info. */
+        bool progress;
+};
+
+struct migrate_stats {
+        uint64_t blocks_sent, zero_blocks, compressed_blocks, bytes_sent, bytes_received;
+        uint64_t need_at_served, cycles, final_dirty_blocks;
+        uint64_t bulk_ns, cycles_ns, suspend_ns, authority_ns, total_ns;
+        bool authority_transferred; /* the destination acknowledged authority */
+        bool completed;             /* the destination acknowledged completion */
+};
+
+/* Run the source side on a connected stream fd (not closed). 0 when the destination has
+ * acknowledged completion. On error, stats->authority_transferred tells whether the source may
+ * resume its VM (false) or must not (true: the destination may be running). */
+int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct migrate_stats *ret_stats);
+
+struct migrate_destination_config {
+        /* Open (create) the local device for `info`; it starts with the destination's base
+         * contents (for SHAREDBASE devices the unsent blocks are read from it). */
+        int (*open_device)(void *ctx, const struct migrate_device_info *info, struct block_device **ret_dev);
+        /* Called once when this side takes authority (resume the VM here). */
+        int (*on_authority)(void *ctx);
+        void *ctx;
+        bool disable_postcopy;    /* take authority only when every block is local */
+        uint64_t read_timeout_ns; /* how long a read waits for a missing block; 0: forever */
+};
+
+struct migrate_destination;
+
+/* Handshake on fd (taken over), then receive in a background thread. */
+int migrate_destination_start(int fd, const struct migrate_destination_config *cfg,
+                              struct migrate_destination **ret_dest);
+size_t migrate_destination_device_count(struct migrate_destination *d);
+const struct migrate_device_info *migrate_destination_device_info(struct migrate_destination *d, size_t i);
+/* The device as the VM should see it: reads of missing blocks wait for them. */
+struct block_device *migrate_destination_device(struct migrate_destination *d, size_t i);
+/* Wait for the end: 0 after COMPLETED_ACK was sent, or the error that ended it. */
+int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats *ret_stats);
+/* Closes the devices too. */
+void migrate_destination_free(struct migrate_destination *d);

@@ -1,0 +1,541 @@
+/* source.c — the sending side of a device migration (see migrate.h, docs/protocol.md). */
+#include "drafter/migrate.h"
+#include "drafter/cleanup.h"
+#include "drafter/clock.h"
+#include "drafter/dirty_tracker.h"
+#include "drafter/error.h"
+#include "drafter/log.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <zstd.h>
+
+struct need {
+        size_t device;
+        uint64_t first;
+        uint32_t count;
+};
+
+struct source {
+        int fd;
+        const struct migrate_source_config *cfg;
+        struct migrate_device_table table;
+        uint64_t caps;
+        pthread_t reader;
+        bool reader_running;
+        pthread_mutex_t lock;
+        pthread_cond_t changed;
+        struct need *needs;
+        size_t need_head, need_count, need_cap;
+        bool authority_ack, completed_ack, reader_done;
+        int peer_error;
+        char peer_message[MIGRATE_MAX_MESSAGE + 64];
+        struct bitmap *sent;    /* per device: sent at least once */
+        struct bitmap *pending; /* per device: in the final set, not yet sent */
+        uint8_t *block_buf, *zstd_buf;
+        size_t zstd_cap;
+        ZSTD_CCtx *cctx;
+        struct migrate_stats stats;
+};
+
+static int send_frame(struct source *s, uint8_t type, uint16_t device, const struct iovec *iov, int count) {
+        int r = migrate_write_frame(s->fd, type, 0, device, iov, count);
+        if (r >= 0) {
+                s->stats.bytes_sent += MIGRATE_HEADER_SIZE;
+                for (int i = 0; i < count; i++)
+                        s->stats.bytes_sent += iov[i].iov_len;
+        }
+        return r;
+}
+
+static int send_event(struct source *s, uint16_t device, enum migrate_event event) {
+        uint8_t p[2];
+        struct iovec iov = {p, migrate_encode_event(p, event)};
+        return send_frame(s, MIGRATE_EVENT, device, &iov, 1);
+}
+
+/* The peer's error, if it sent one (or the reader failed), as our error. */
+static int peer_failed(struct source *s) {
+        pthread_mutex_lock(&s->lock);
+        int r = s->peer_error;
+        char msg[sizeof(s->peer_message)];
+        memcpy(msg, s->peer_message, sizeof(msg));
+        pthread_mutex_unlock(&s->lock);
+        return r ? error_set(r, "%s", msg) : 0;
+}
+
+static void *reader_thread(void *arg) {
+        struct source *s = arg;
+        uint8_t *buf = NULL;
+        size_t cap = 0;
+        for (;;) {
+                struct migrate_frame f;
+                struct migrate_message m;
+                int r = migrate_read_frame(s->fd, &buf, &cap, &f);
+                if (r >= 0)
+                        r = migrate_frame_parse(&f, &s->table, false, &m);
+                pthread_mutex_lock(&s->lock);
+                if (r < 0) {
+                        if (!s->peer_error) {
+                                s->peer_error = r;
+                                snprintf(s->peer_message, sizeof(s->peer_message), "destination: %s", error_message());
+                        }
+                        s->reader_done = true;
+                        pthread_cond_broadcast(&s->changed);
+                        pthread_mutex_unlock(&s->lock);
+                        break;
+                }
+                s->stats.bytes_received += MIGRATE_HEADER_SIZE + f.length;
+                if (m.type == MIGRATE_NEED_AT) {
+                        if (s->need_count == s->need_cap) {
+                                size_t ncap = s->need_cap ? 2 * s->need_cap : 64;
+                                struct need *grown = malloc(ncap * sizeof(*grown));
+                                if (grown) {
+                                        for (size_t i = 0; i < s->need_count; i++)
+                                                grown[i] = s->needs[(s->need_head + i) % s->need_cap];
+                                        free(s->needs);
+                                        s->needs = grown;
+                                        s->need_head = 0;
+                                        s->need_cap = ncap;
+                                }
+                        }
+                        if (s->need_count < s->need_cap) {
+                                s->needs[(s->need_head + s->need_count) % s->need_cap] =
+                                        (struct need){m.device, m.range.first, m.range.count};
+                                s->need_count++;
+                        }
+                } else if (m.type == MIGRATE_DONT_NEED_AT) {
+                        for (uint64_t b = m.range.first; b < m.range.first + m.range.count; b++)
+                                bitmap_clear(&s->pending[m.device], b);
+                } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_AUTHORITY_ACK) {
+                        s->authority_ack = true;
+                } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_COMPLETED_ACK) {
+                        s->completed_ack = true;
+                } else if (m.type == MIGRATE_ERROR) {
+                        s->peer_error = m.error.err < 0 ? m.error.err : -EPROTO;
+                        snprintf(s->peer_message, sizeof(s->peer_message), "destination: %s", m.error.message);
+                } else {
+                        s->peer_error = -EPROTO;
+                        snprintf(s->peer_message, sizeof(s->peer_message),
+                                 "destination: unexpected frame type %u", f.type);
+                }
+                pthread_cond_broadcast(&s->changed);
+                bool stop = s->peer_error || s->completed_ack;
+                pthread_mutex_unlock(&s->lock);
+                if (stop)
+                        break;
+        }
+        free(buf);
+        return NULL;
+}
+
+/* Read one block (starting its dirty tracking) and send it in the smallest form. */
+static int send_block(struct source *s, size_t di, uint64_t block) {
+        const struct migrate_source_device *sd = &s->cfg->devices[di];
+        struct block_device *dev = sd->dev;
+        size_t len = block_device_block_length(dev, block);
+        uint64_t off = block * dev->block_size;
+        int r = dirty_tracker_inner(dev) ? dirty_tracker_read_tracked(dev, s->block_buf, len, off)
+                                         : block_device_read_at(dev, s->block_buf, len, off);
+        if (r < 0)
+                return r;
+        bitmap_set(&s->sent[di], block);
+        s->stats.blocks_sent++;
+        uint16_t id = s->table.devices[di].id;
+        uint8_t head[12];
+        if ((s->caps & MIGRATE_CAP_ZERO_RUNS) && buffer_is_zero(s->block_buf, len)) {
+                s->stats.zero_blocks++;
+                struct iovec iov = {head, migrate_encode_range(head, block, 1)};
+                return send_frame(s, MIGRATE_BLOCK_ZERO, id, &iov, 1);
+        }
+        migrate_encode_block_index(head, block);
+        if (s->cctx) {
+                size_t n = ZSTD_compressCCtx(s->cctx, s->zstd_buf, s->zstd_cap, s->block_buf, len, 1);
+                if (!ZSTD_isError(n) && n < len - len / 8) {
+                        s->stats.compressed_blocks++;
+                        struct iovec iov[2] = {{head, 8}, {s->zstd_buf, n}};
+                        return send_frame(s, MIGRATE_BLOCK_ZSTD, id, iov, 2);
+                }
+        }
+        struct iovec iov[2] = {{head, 8}, {s->block_buf, len}};
+        return send_frame(s, MIGRATE_BLOCK, id, iov, 2);
+}
+
+/* Serve the destination's NEED_AT requests. In post-copy only blocks still pending are sent
+ * (the others are on their way or there). */
+static int serve_needs(struct source *s, bool postcopy) {
+        for (;;) {
+                pthread_mutex_lock(&s->lock);
+                if (s->need_count == 0) {
+                        pthread_mutex_unlock(&s->lock);
+                        return peer_failed(s);
+                }
+                struct need n = s->needs[s->need_head];
+                s->need_head = (s->need_head + 1) % s->need_cap;
+                s->need_count--;
+                pthread_mutex_unlock(&s->lock);
+                for (uint64_t b = n.first; b < n.first + n.count; b++) {
+                        if (postcopy && !bitmap_test_and_clear(&s->pending[n.device], b))
+                                continue;
+                        int r = send_block(s, n.device, b);
+                        if (r < 0)
+                                return r;
+                        s->stats.need_at_served++;
+                }
+        }
+}
+
+static bool device_skips(const struct migrate_source_device *sd, uint64_t block) {
+        return sd->only && !bitmap_test(sd->only, block);
+}
+
+static int bulk(struct source *s) {
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                const struct migrate_source_device *sd = &s->cfg->devices[di];
+                uint64_t blocks = block_device_block_count(sd->dev), done = 0, step = blocks / 10 ? blocks / 10 : 1;
+                uint64_t index = 0;
+                for (;;) {
+                        uint64_t block;
+                        if (sd->vm) {
+                                if (volatility_monitor_pop_least(sd->vm, clock_now_ns(), &block) < 0)
+                                        break;
+                        } else {
+                                if (index >= blocks)
+                                        break;
+                                block = index++;
+                        }
+                        done++;
+                        if ((done & 31) == 0) {
+                                int r = serve_needs(s, false);
+                                if (r < 0)
+                                        return r;
+                        }
+                        if (bitmap_test(&s->sent[di], block) || device_skips(sd, block))
+                                continue;
+                        int r = send_block(s, di, block);
+                        if (r < 0)
+                                return r;
+                        if (s->cfg->progress && done % step == 0)
+                                log_info("Migrated %" PRIu64 " of %" PRIu64 " initial blocks for local device %zu",
+                                         done, blocks, di);
+                }
+                if (s->cfg->progress)
+                        log_info("Migrated %" PRIu64 " of %" PRIu64 " initial blocks for local device %zu", blocks,
+                                 blocks, di);
+                int r = send_event(s, s->table.devices[di].id, MIGRATE_EVENT_BULK_DONE);
+                if (r < 0)
+                        return r;
+        }
+        return serve_needs(s, false);
+}
+
+static int collect(struct source *s, size_t di, uint64_t **ret_blocks, size_t *ret_count) {
+        const struct migrate_source_device *sd = &s->cfg->devices[di];
+        if (!dirty_tracker_inner(sd->dev)) {
+                *ret_blocks = NULL;
+                *ret_count = 0;
+                return 0;
+        }
+        int r = dirty_tracker_collect(sd->dev, ret_blocks, ret_count);
+        if (r >= 0 && sd->vm)
+                r = volatility_monitor_sort(sd->vm, *ret_blocks, *ret_count, clock_now_ns());
+        return r;
+}
+
+static bool precopy_enabled(const struct migrate_source_device *sd) {
+        return sd->max_dirty_blocks || sd->min_cycles || sd->max_cycles || sd->cycle_throttle_ns;
+}
+
+/* Pre-copy cycles. A device that has converged keeps its dirty blocks for the final phase. */
+static int cycles(struct source *s) {
+        size_t n = s->cfg->count;
+        _cleanup_free_ bool *converged = calloc(n ? n : 1, sizeof(bool));
+        if (!converged)
+                return -ENOMEM;
+        for (size_t di = 0; di < n; di++)
+                converged[di] = !precopy_enabled(&s->cfg->devices[di]);
+        for (int64_t cycle = 0;; cycle++) {
+                bool all = true;
+                int64_t throttle = 0;
+                for (size_t di = 0; di < n; di++) {
+                        all &= converged[di];
+                        if (!converged[di])
+                                throttle = MAX(throttle, s->cfg->devices[di].cycle_throttle_ns);
+                }
+                if (all)
+                        return 0;
+                /* Wait out the throttle, answering NEED_AT meanwhile. */
+                uint64_t until = clock_now_ns() + (uint64_t)throttle;
+                do {
+                        int r = serve_needs(s, false);
+                        if (r < 0)
+                                return r;
+                        pthread_mutex_lock(&s->lock);
+                        if (s->need_count == 0 && !s->peer_error && clock_now_ns() < until) {
+                                struct timespec ts;
+                                clock_deadline_after(MIN(until - clock_now_ns(), 5 * NSEC_PER_MSEC), &ts);
+                                pthread_cond_timedwait(&s->changed, &s->lock, &ts);
+                        }
+                        pthread_mutex_unlock(&s->lock);
+                } while (clock_now_ns() < until);
+                if (s->cfg->before_collect) {
+                        int r = s->cfg->before_collect(s->cfg->ctx);
+                        if (r < 0)
+                                return r;
+                }
+                s->stats.cycles++;
+                for (size_t di = 0; di < n; di++) {
+                        if (converged[di])
+                                continue;
+                        const struct migrate_source_device *sd = &s->cfg->devices[di];
+                        uint64_t *blocks;
+                        size_t count;
+                        int r = collect(s, di, &blocks, &count);
+                        if (r < 0)
+                                return r;
+                        bool done = (cycle + 1 >= sd->min_cycles && (int64_t)count <= sd->max_dirty_blocks) ||
+                                    cycle + 1 >= sd->max_cycles;
+                        for (size_t i = 0; i < count && r >= 0; i++) {
+                                if (done)
+                                        bitmap_set(&s->pending[di], blocks[i]); /* kept for the final phase */
+                                else
+                                        r = send_block(s, di, blocks[i]);
+                        }
+                        log_debug("migration: device %zu cycle %" PRId64 ": %zu dirty blocks%s", di, cycle + 1, count,
+                                  done ? ", converged" : "");
+                        free(blocks);
+                        if (r < 0)
+                                return r;
+                        converged[di] = done;
+                }
+        }
+}
+
+static int send_dirty_list(struct source *s, size_t di) {
+        const struct bitmap *p = &s->pending[di];
+        uint16_t id = s->table.devices[di].id;
+        enum { CHUNK = 65536 };
+        _cleanup_free_ uint8_t *buf = malloc(4 + 8 * CHUNK);
+        if (!buf)
+                return -ENOMEM;
+        uint32_t n = 0;
+        for (uint64_t b = bitmap_next_set(p, 0);; b = bitmap_next_set(p, b + 1)) {
+                bool end = b >= p->nbits;
+                if (!end)
+                        migrate_encode_block_index(buf + 4 + 8 * n++, b);
+                if (n == CHUNK || (end && n > 0)) {
+                        uint32_t le = htole32(n);
+                        memcpy(buf, &le, 4);
+                        struct iovec iov = {buf, 4 + 8 * (size_t)n};
+                        int r = send_frame(s, MIGRATE_DIRTY, id, &iov, 1);
+                        if (r < 0)
+                                return r;
+                        n = 0;
+                }
+                if (end)
+                        return 0;
+        }
+}
+
+static int wait_for(struct source *s, bool *flag) {
+        pthread_mutex_lock(&s->lock);
+        while (!*flag && !s->peer_error && !s->reader_done)
+                pthread_cond_wait(&s->changed, &s->lock);
+        bool ok = *flag;
+        pthread_mutex_unlock(&s->lock);
+        if (ok)
+                return 0;
+        int r = peer_failed(s);
+        return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
+}
+
+static int handshake(struct source *s) {
+        uint8_t p[20];
+        struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
+                                                    MIGRATE_CAP_ZERO_RUNS | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0))};
+        int r = send_frame(s, MIGRATE_HELLO, MIGRATE_CONNECTION, &iov, 1);
+        if (r < 0)
+                return r;
+        _cleanup_free_ uint8_t *buf = NULL;
+        size_t cap = 0;
+        struct migrate_frame f;
+        struct migrate_message m;
+        if ((r = migrate_read_frame(s->fd, &buf, &cap, &f)) < 0)
+                return r;
+        if (f.type == MIGRATE_ERROR && migrate_frame_parse(&f, NULL, false, &m) >= 0)
+                return error_set(m.error.err < 0 ? m.error.err : -EPROTO, "destination: %s", m.error.message);
+        if (f.type != MIGRATE_HELLO)
+                return error_set(-EPROTO, "migration: expected HELLO from the destination, got frame type %u", f.type);
+        if ((r = migrate_frame_parse(&f, NULL, false, &m)) < 0)
+                return r;
+        if (m.hello.version != MIGRATE_VERSION)
+                return error_set(-EPROTO, "migration: destination speaks version %u, we speak %u", m.hello.version,
+                                 MIGRATE_VERSION);
+        s->caps = m.hello.capabilities & (MIGRATE_CAP_ZERO_RUNS | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
+
+        uint8_t *dp;
+        uint32_t dlen;
+        if ((r = migrate_devices_encode(&s->table, &dp, &dlen)) < 0)
+                return r;
+        struct iovec div = {dp, dlen};
+        r = send_frame(s, MIGRATE_DEVICES, MIGRATE_CONNECTION, &div, 1);
+        free(dp);
+        if (r < 0)
+                return r;
+        if ((r = migrate_read_frame(s->fd, &buf, &cap, &f)) < 0)
+                return r;
+        if ((r = migrate_frame_parse(&f, &s->table, false, &m)) < 0)
+                return r;
+        if (m.type == MIGRATE_ERROR)
+                return error_set(m.error.err < 0 ? m.error.err : -EPROTO, "destination: %s", m.error.message);
+        if (m.type != MIGRATE_DEVICES_ACK)
+                return error_set(-EPROTO, "migration: expected DEVICES_ACK, got frame type %u", f.type);
+        return 0;
+}
+
+static int run(struct source *s) {
+        uint64_t t0 = clock_now_ns(), t;
+        int r = handshake(s);
+        if (r < 0)
+                return r;
+        if (pthread_create(&s->reader, NULL, reader_thread, s) != 0)
+                return error_set(-EAGAIN, "migration: cannot start the reader thread");
+        s->reader_running = true;
+
+        /* SHAREDBASE: the destination reads unsent blocks from its base; it must wait for the
+         * ones we will send, and writes to any block from now on must be tracked. */
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                const struct migrate_source_device *sd = &s->cfg->devices[di];
+                if (!sd->only)
+                        continue;
+                if (dirty_tracker_inner(sd->dev))
+                        dirty_tracker_track_all(sd->dev);
+                for (uint64_t w = 0; w < BITMAP_WORDS(sd->only->nbits); w++)
+                        s->pending[di].words[w] = __atomic_load_n(&sd->only->words[w], __ATOMIC_ACQUIRE);
+                if ((r = send_dirty_list(s, di)) < 0)
+                        return r;
+                bitmap_clear_all(&s->pending[di]);
+        }
+
+        t = clock_now_ns();
+        if ((r = bulk(s)) < 0)
+                return r;
+        s->stats.bulk_ns = clock_now_ns() - t;
+        t = clock_now_ns();
+        if ((r = cycles(s)) < 0)
+                return r;
+        s->stats.cycles_ns = clock_now_ns() - t;
+
+        t = clock_now_ns();
+        if (s->cfg->suspend && (r = s->cfg->suspend(s->cfg->ctx)) < 0)
+                return r;
+        if (s->cfg->before_collect && (r = s->cfg->before_collect(s->cfg->ctx)) < 0)
+                return r;
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                uint64_t *blocks;
+                size_t count;
+                if ((r = collect(s, di, &blocks, &count)) < 0)
+                        return r;
+                for (size_t i = 0; i < count; i++)
+                        bitmap_set(&s->pending[di], blocks[i]);
+                free(blocks);
+                s->stats.final_dirty_blocks += bitmap_count(&s->pending[di]);
+                if ((r = send_dirty_list(s, di)) < 0)
+                        return r;
+        }
+        if ((r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_SUSPENDED)) < 0 ||
+            (r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_AUTHORITY)) < 0)
+                return r;
+        s->stats.suspend_ns = clock_now_ns() - t;
+
+        /* Post-copy: what the destination asks for first, then the rest in order. */
+        t = clock_now_ns();
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                const struct bitmap *p = &s->pending[di];
+                for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
+                        if ((r = serve_needs(s, true)) < 0)
+                                return r;
+                        if (bitmap_test_and_clear(&s->pending[di], b) && (r = send_block(s, di, b)) < 0)
+                                return r;
+                }
+                if ((r = serve_needs(s, true)) < 0 ||
+                    (r = send_event(s, s->table.devices[di].id, MIGRATE_EVENT_COMPLETED)) < 0)
+                        return r;
+        }
+        if ((r = wait_for(s, &s->authority_ack)) < 0)
+                return r;
+        s->stats.authority_transferred = true;
+        s->stats.authority_ns = clock_now_ns() - t;
+        if ((r = wait_for(s, &s->completed_ack)) < 0)
+                return r;
+        s->stats.completed = true;
+        s->stats.total_ns = clock_now_ns() - t0;
+        return 0;
+}
+
+int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct migrate_stats *ret_stats) {
+        if (cfg->count == 0 || cfg->count > MIGRATE_MAX_DEVICES)
+                return error_set(-EINVAL, "migration: %zu devices (1-%d)", cfg->count, MIGRATE_MAX_DEVICES);
+        struct source s = {.fd = fd, .cfg = cfg};
+        uint32_t max_block = 0;
+        s.table.count = cfg->count;
+        for (size_t i = 0; i < cfg->count; i++) {
+                const struct block_device *dev = cfg->devices[i].dev;
+                struct migrate_device_info *d = &s.table.devices[i];
+                d->id = (uint16_t)i;
+                snprintf(d->name, sizeof(d->name), "%s", cfg->devices[i].name);
+                d->size = dev->size;
+                d->block_size = dev->block_size;
+                d->flags = cfg->devices[i].only ? MIGRATE_DEVICE_SHAREDBASE : 0;
+                max_block = MAX(max_block, dev->block_size);
+        }
+        pthread_mutex_init(&s.lock, NULL);
+        pthread_cond_init(&s.changed, NULL);
+        int r = -ENOMEM;
+        s.sent = calloc(cfg->count, sizeof(struct bitmap));
+        s.pending = calloc(cfg->count, sizeof(struct bitmap));
+        s.block_buf = malloc(max_block);
+        s.zstd_cap = ZSTD_compressBound(max_block);
+        s.zstd_buf = malloc(s.zstd_cap);
+        if (cfg->compress)
+                s.cctx = ZSTD_createCCtx();
+        if (s.sent && s.pending && s.block_buf && s.zstd_buf && (!cfg->compress || s.cctx)) {
+                r = 0;
+                for (size_t i = 0; i < cfg->count && r == 0; i++)
+                        if (bitmap_init(&s.sent[i], block_device_block_count(cfg->devices[i].dev)) < 0 ||
+                            bitmap_init(&s.pending[i], block_device_block_count(cfg->devices[i].dev)) < 0)
+                                r = -ENOMEM;
+        }
+        if (r == 0)
+                r = run(&s);
+        if (r < 0) {
+                /* Tell the destination why, then stop the reader. */
+                uint8_t p[6 + MIGRATE_MAX_MESSAGE];
+                struct iovec iov = {p, migrate_encode_error(p, r, error_message())};
+                migrate_write_frame(fd, MIGRATE_ERROR, 0, MIGRATE_CONNECTION, &iov, 1);
+                shutdown(fd, SHUT_RDWR);
+        }
+        if (s.reader_running)
+                pthread_join(s.reader, NULL);
+        if (ret_stats)
+                *ret_stats = s.stats;
+        for (size_t i = 0; i < cfg->count; i++) {
+                if (s.sent)
+                        bitmap_free(&s.sent[i]);
+                if (s.pending)
+                        bitmap_free(&s.pending[i]);
+        }
+        free(s.sent);
+        free(s.pending);
+        free(s.block_buf);
+        free(s.zstd_buf);
+        free(s.needs);
+        ZSTD_freeCCtx(s.cctx);
+        pthread_mutex_destroy(&s.lock);
+        pthread_cond_destroy(&s.changed);
+        return r;
+}
