@@ -32,6 +32,14 @@ struct fuse_export;
 int fuse_export_start(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
                       struct fuse_export **ret_export);
 
+enum fuse_export_flags {
+        /* No writeback cache: every write() reaches the device before it returns (no shared
+         * writable mappings then). For plain disks that must be frozen at a migration's end. */
+        FUSE_EXPORT_WRITE_THROUGH = 1 << 0,
+};
+int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
+                            unsigned flags, struct fuse_export **ret_export);
+
 /* Path of device `index` inside the mount (valid until stop). */
 const char *fuse_export_path(struct fuse_export *fx, size_t index);
 

@@ -69,6 +69,9 @@ size_t migrate_destination_device_count(struct migrate_destination *d);
 const struct migrate_device_info *migrate_destination_device_info(struct migrate_destination *d, size_t i);
 /* The device as the VM should see it: reads of missing blocks wait for them. */
 struct block_device *migrate_destination_device(struct migrate_destination *d, size_t i);
+/* Take ownership of device i (the caller closes it, after migrate_destination_free: the receiving
+ * thread keeps using it until then). */
+struct block_device *migrate_destination_take_device(struct migrate_destination *d, size_t i);
 /* Wait for the end: 0 after COMPLETED_ACK was sent, or the error that ended it. */
 int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats *ret_stats);
 /* Closes the devices too. */

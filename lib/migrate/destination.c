@@ -27,6 +27,7 @@ struct destination {
         struct migrate_destination_config cfg;
         struct migrate_device_table table;
         struct block_device **devs; /* waiting caches */
+        bool *taken;                /* handed to the caller: not ours to close */
         struct need_ctx *need_ctx;
         bool *completed;
         size_t completed_count;
@@ -219,7 +220,8 @@ static int handshake(struct destination *d) {
         d->devs = calloc(n ? n : 1, sizeof(*d->devs));
         d->need_ctx = calloc(n ? n : 1, sizeof(*d->need_ctx));
         d->completed = calloc(n ? n : 1, sizeof(bool));
-        if (!d->devs || !d->need_ctx || !d->completed)
+        d->taken = calloc(n ? n : 1, sizeof(bool));
+        if (!d->devs || !d->need_ctx || !d->completed || !d->taken)
                 return -ENOMEM;
         for (size_t i = 0; i < n; i++) {
                 const struct migrate_device_info *info = &d->table.devices[i];
@@ -259,8 +261,10 @@ void migrate_destination_free(struct migrate_destination *dest) {
                 pthread_join(d->thread, NULL);
         }
         for (size_t i = 0; d->devs && i < d->table.count; i++)
-                block_device_close(d->devs[i]);
+                if (!d->taken[i])
+                        block_device_close(d->devs[i]);
         free(d->devs);
+        free(d->taken);
         free(d->need_ctx);
         free(d->completed);
         free(d->block_buf);
@@ -310,6 +314,14 @@ const struct migrate_device_info *migrate_destination_device_info(struct migrate
 struct block_device *migrate_destination_device(struct migrate_destination *dest, size_t i) {
         struct destination *d = (struct destination *)dest;
         return i < d->table.count ? d->devs[i] : NULL;
+}
+
+struct block_device *migrate_destination_take_device(struct migrate_destination *dest, size_t i) {
+        struct destination *d = (struct destination *)dest;
+        if (i >= d->table.count)
+                return NULL;
+        d->taken[i] = true;
+        return d->devs[i];
 }
 
 int migrate_destination_wait(struct migrate_destination *dest, struct migrate_stats *ret_stats) {

@@ -36,7 +36,8 @@ struct fuse_export {
         pthread_t thread;
         bool running;
         int sync_fd;   /* the mount's root, to check it answers */
-        pid_t syncing_tid; /* thread inside fuse_export_sync(): its fsyncs need no device flush */
+        pid_t syncing_tid;
+        unsigned flags; /* thread inside fuse_export_sync(): its fsyncs need no device flush */
         dev_t dev;   /* the mount's device: its minor number names the connection in fusectl */
         int loop_result;
 };
@@ -70,8 +71,11 @@ static void fill_attr(struct fuse_export *fx, fuse_ino_t ino, struct stat *st) {
 }
 
 static void op_init(void *userdata, struct fuse_conn_info *conn) {
+        struct fuse_export *fx = userdata;
         /* The writeback cache is what makes shared writable mappings and syncfs write-back work. */
-        if (conn->capable & FUSE_CAP_WRITEBACK_CACHE)
+        if (fx->flags & FUSE_EXPORT_WRITE_THROUGH)
+                conn->want &= ~(unsigned)FUSE_CAP_WRITEBACK_CACHE;
+        else if (conn->capable & FUSE_CAP_WRITEBACK_CACHE)
                 conn->want |= FUSE_CAP_WRITEBACK_CACHE;
         if (conn->capable & FUSE_CAP_ASYNC_READ)
                 conn->want |= FUSE_CAP_ASYNC_READ;
@@ -341,6 +345,11 @@ static void export_free(struct fuse_export *fx) {
 
 int fuse_export_start(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
                       struct fuse_export **ret_export) {
+        return fuse_export_start_flags(mountpoint, devices, count, 0, ret_export);
+}
+
+int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
+                            unsigned flags, struct fuse_export **ret_export) {
         int r;
         for (size_t i = 0; i < count; i++)
                 if (!devices[i].name || !*devices[i].name || strchr(devices[i].name, '/') ||
@@ -361,6 +370,7 @@ int fuse_export_start(const char *mountpoint, const struct fuse_export_device *d
         if (!fx)
                 return -ENOMEM;
         fx->sync_fd = -1;
+        fx->flags = flags;
         fx->count = count;
         fx->devices = calloc(count ? count : 1, sizeof(*fx->devices));
         fx->paths = calloc(count ? count : 1, sizeof(*fx->paths));
