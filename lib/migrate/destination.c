@@ -175,6 +175,10 @@ static void *receive_thread(void *arg) {
                 if (r != 0)
                         break;
         }
+        if (r == -ECONNRESET)
+                error_set(r, "source: connection lost before the migration completed (%s)",
+                          d->authority ? "after the authority transfer: blocks not received yet are unavailable"
+                                       : "the source keeps the devices");
         if (r < 0) {
                 snprintf(d->message, sizeof(d->message), "%s", error_message());
                 /* Tell the source (it may still be listening), then release every waiting reader. */

@@ -42,8 +42,15 @@ struct source {
         struct migrate_stats stats;
 };
 
+static int peer_failed(struct source *s);
+
 static int send_frame(struct source *s, uint8_t type, uint16_t device, const struct iovec *iov, int count) {
         int r = migrate_write_frame(s->fd, type, 0, device, iov, count);
+        if (r == -EPIPE || r == -ECONNRESET) {
+                /* The reader may know why (an ERROR frame); otherwise say what happened. */
+                int why = peer_failed(s);
+                return why < 0 ? why : error_set(r, "destination: connection lost (%s)", strerror(-r));
+        }
         if (r >= 0) {
                 s->stats.bytes_sent += MIGRATE_HEADER_SIZE;
                 for (int i = 0; i < count; i++)
@@ -513,11 +520,14 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         if (r == 0)
                 r = run(&s);
         if (r < 0) {
-                /* Tell the destination why, then stop the reader. */
+                /* Tell the destination why (if it still listens), then stop the reader. */
+                char why[MIGRATE_MAX_MESSAGE + 1];
+                snprintf(why, sizeof(why), "%s", error_message());
                 uint8_t p[6 + MIGRATE_MAX_MESSAGE];
-                struct iovec iov = {p, migrate_encode_error(p, r, error_message())};
+                struct iovec iov = {p, migrate_encode_error(p, r, why)};
                 migrate_write_frame(fd, MIGRATE_ERROR, 0, MIGRATE_CONNECTION, &iov, 1);
                 shutdown(fd, SHUT_RDWR);
+                error_set(r, "%s", why);
         }
         if (s.reader_running)
                 pthread_join(s.reader, NULL);
