@@ -39,6 +39,8 @@ struct source {
         uint8_t *block_buf, *zstd_buf;
         size_t zstd_cap;
         ZSTD_CCtx *cctx;
+        unsigned compress_skip; /* blocks to send raw before trying zstd again */
+        unsigned compress_misses;
         struct migrate_stats stats;
 };
 
@@ -160,13 +162,20 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
                 return send_frame(s, MIGRATE_BLOCK_ZERO, id, &iov, 1);
         }
         migrate_encode_block_index(head, block);
-        if (s->cctx) {
+        /* Compression costs more than it saves on incompressible data: after misses in a row,
+         * try again only every so often (backing off up to every 64th block). */
+        if (s->cctx && s->compress_skip > 0) {
+                s->compress_skip--;
+        } else if (s->cctx) {
                 size_t n = ZSTD_compressCCtx(s->cctx, s->zstd_buf, s->zstd_cap, s->block_buf, len, 1);
                 if (!ZSTD_isError(n) && n < len - len / 8) {
+                        s->compress_misses = 0;
                         s->stats.compressed_blocks++;
                         struct iovec iov[2] = {{head, 8}, {s->zstd_buf, n}};
                         return send_frame(s, MIGRATE_BLOCK_ZSTD, id, iov, 2);
                 }
+                s->compress_misses = MIN(s->compress_misses + 1, 6u);
+                s->compress_skip = (1u << s->compress_misses) - 1;
         }
         struct iovec iov[2] = {{head, 8}, {s->block_buf, len}};
         return send_frame(s, MIGRATE_BLOCK, id, iov, 2);
