@@ -123,6 +123,11 @@ static void *reader_thread(void *arg) {
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_AUTHORITY_ACK) {
                         s->authority_ack = true;
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_COMPLETED_ACK) {
+                        if (!s->authority_ack) {
+                                s->peer_error = -EPROTO;
+                                snprintf(s->peer_message, sizeof(s->peer_message),
+                                         "destination: acknowledged completion before taking authority");
+                        }
                         s->completed_ack = true;
                 } else if (m.type == MIGRATE_ERROR) {
                         s->peer_error = m.error.err < 0 ? m.error.err : -EPROTO;
@@ -132,8 +137,10 @@ static void *reader_thread(void *arg) {
                         snprintf(s->peer_message, sizeof(s->peer_message),
                                  "destination: unexpected frame type %u", f.type);
                 }
-                pthread_cond_broadcast(&s->changed);
                 bool stop = s->peer_error || s->completed_ack;
+                if (stop)
+                        s->reader_done = true; /* whoever waits must not wait for us any more */
+                pthread_cond_broadcast(&s->changed);
                 pthread_mutex_unlock(&s->lock);
                 if (stop)
                         break;
