@@ -130,6 +130,11 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                                 r = take_authority(d);
                         break;
                 case MIGRATE_EVENT_COMPLETED:
+                        /* Never trust a completion that leaves holes. */
+                        if (waiting_cache_missing(d->devs[m->device]) > 0)
+                                return error_set(-EPROTO, "migration: the source completed device \"%s\" with %" PRIu64
+                                                 " blocks still missing", d->table.devices[m->device].name,
+                                                 waiting_cache_missing(d->devs[m->device]));
                         if (!d->completed[m->device]) {
                                 d->completed[m->device] = true;
                                 d->completed_count++;

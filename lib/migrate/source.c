@@ -444,6 +444,13 @@ static int run(struct source *s) {
                 bitmap_clear_all(&s->pending[di]);
         }
 
+        /* A migration after a failed one starts from every block again: the monitor's queue
+         * was drained by the earlier bulk pass. */
+        for (size_t di = 0; di < s->cfg->count; di++)
+                if (s->cfg->devices[di].vm)
+                        for (uint64_t b = 0; b < block_device_block_count(s->cfg->devices[di].dev); b++)
+                                volatility_monitor_push(s->cfg->devices[di].vm, b, clock_now_ns());
+
         t = clock_now_ns();
         if ((r = bulk(s)) < 0)
                 return r;
