@@ -37,14 +37,9 @@ int main(int argc, char **argv) {
                 {"threads", FLAG_INT, &threads, "Threads serving each NBD connection"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
         };
-        int r = flags_parse("drafter-expose", flags, ELEMENTSOF(flags), argc, argv, stderr, NULL);
-        if (r == FLAGS_HELP)
-                return 0;
-        if (r < 0)
-                return 2;
-        log_setup_from_env();
-        if (verbose)
-                log_set_level(LOG_DEBUG);
+        int r = flags_parse_command("drafter-expose", flags, ELEMENTSOF(flags), argc, argv, &verbose);
+        if (r >= 0)
+                return r;
         if (!*nbd_unix && !*nbd_tcp && !*fuse_dir) {
                 log_error("nothing to serve on: give --fuse-dir, --nbd-unix and/or --nbd-tcp");
                 return 2;

@@ -246,14 +246,9 @@ int main(int argc, char **argv) {
                 {"mount-dir", FLAG_STRING, &mount_dir, "Directory in which the devices are served as files"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
         };
-        int r = flags_parse("drafter-mounter", flags, ELEMENTSOF(flags), argc, argv, stderr, NULL);
-        if (r == FLAGS_HELP)
-                return 0;
-        if (r < 0)
-                return 2;
-        log_setup_from_env();
-        if (verbose)
-                log_set_level(LOG_DEBUG);
+        int r = flags_parse_command("drafter-mounter", flags, ELEMENTSOF(flags), argc, argv, &verbose);
+        if (r >= 0)
+                return r;
         if (*raddr && *laddr && strcmp(raddr, laddr) == 0) {
                 log_error("--raddr and --laddr are both %s: set one of them to '' (see --help)", raddr);
                 return 2;

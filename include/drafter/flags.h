@@ -40,6 +40,12 @@ enum {
 int flags_parse(const char *program, struct flag *flags, size_t nflags, int argc, char **argv, FILE *out,
                 int *ret_next);
 
+/* For a command's main(): parse, print usage or errors to stderr, apply DRAFTER_LOG and, if
+ * *verbose (a flag in `flags`) was set, debug logging. Returns -1 to go on, or the exit status
+ * to return at once (0 after --help, 2 for a usage error). */
+int flags_parse_command(const char *program, struct flag *flags, size_t nflags, int argc, char **argv,
+                        const bool *verbose);
+
 /* Print the usage text for the flags with their current values as defaults. */
 void flags_print_usage(const char *program, const struct flag *flags, size_t nflags, FILE *out);
 

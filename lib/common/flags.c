@@ -2,6 +2,7 @@
 #include "drafter/flags.h"
 #include "drafter/clock.h"
 #include "drafter/cleanup.h"
+#include "drafter/log.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -259,4 +260,17 @@ int flags_parse(const char *program, struct flag *flags, size_t nflags, int argc
         if (ret_next)
                 *ret_next = i;
         return FLAGS_OK;
+}
+
+int flags_parse_command(const char *program, struct flag *flags, size_t nflags, int argc, char **argv,
+                        const bool *verbose) {
+        int r = flags_parse(program, flags, nflags, argc, argv, stderr, NULL);
+        if (r == FLAGS_HELP)
+                return 0;
+        if (r < 0)
+                return 2;
+        log_setup_from_env();
+        if (verbose && *verbose)
+                log_set_level(LOG_DEBUG);
+        return -1;
 }

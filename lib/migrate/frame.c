@@ -2,6 +2,7 @@
 #include "drafter/migrate_frame.h"
 #include "drafter/cleanup.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 
 #include <endian.h>
 #include <errno.h>
@@ -330,25 +331,9 @@ uint32_t migrate_encode_error(uint8_t *out, int err, const char *message) {
         return (uint32_t)(6 + n);
 }
 
-static int read_full(int fd, void *buf, size_t len) {
-        uint8_t *p = buf;
-        while (len > 0) {
-                ssize_t n = read(fd, p, len);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0)
-                        return -errno;
-                if (n == 0)
-                        return -ECONNRESET;
-                p += n;
-                len -= (size_t)n;
-        }
-        return 0;
-}
-
 int migrate_read_frame(int fd, uint8_t **buf, size_t *cap, struct migrate_frame *ret) {
         uint8_t h[MIGRATE_HEADER_SIZE];
-        int r = read_full(fd, h, sizeof(h));
+        int r = io_read_full(fd, h, sizeof(h));
         if (r < 0)
                 return r == -ECONNRESET ? error_set(r, "migration: the peer closed the connection")
                                         : error_set_errno(r, "migration: read");
@@ -362,7 +347,7 @@ int migrate_read_frame(int fd, uint8_t **buf, size_t *cap, struct migrate_frame 
                 *buf = grown;
                 *cap = f.length;
         }
-        if (f.length && (r = read_full(fd, *buf, f.length)) < 0)
+        if (f.length && (r = io_read_full(fd, *buf, f.length)) < 0)
                 return error_set(r, "migration: connection lost inside a %s frame", type_names[f.type]);
         f.payload = *buf;
         *ret = f;
@@ -384,26 +369,8 @@ int migrate_write_frame(int fd, uint8_t type, uint8_t flags, uint16_t device, co
                 return error_set(-EMSGSIZE, "migration: frame of %zu bytes is too large", len);
         migrate_header_encode(h, type, flags, device, (uint32_t)len);
         iov[0] = (struct iovec){h, sizeof(h)};
-        struct iovec *v = iov;
-        int n = count + 1;
-        while (n > 0) {
-                struct msghdr msg = {.msg_iov = v, .msg_iovlen = (size_t)n};
-                ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
-                if (w < 0 && errno == ENOTSOCK)
-                        w = writev(fd, v, n); /* pipes in tests */
-                if (w < 0 && errno == EINTR)
-                        continue;
-                if (w < 0)
-                        return error_set_errno(-errno, "migration: write");
-                while (n > 0 && (size_t)w >= v->iov_len) {
-                        w -= (ssize_t)v->iov_len;
-                        v++;
-                        n--;
-                }
-                if (n > 0) {
-                        v->iov_base = (uint8_t *)v->iov_base + w;
-                        v->iov_len -= (size_t)w;
-                }
-        }
+        int r = io_write_iov(fd, iov, count + 1);
+        if (r < 0)
+                return error_set_errno(r, "migration: write");
         return 0;
 }

@@ -2,6 +2,7 @@
 #include "drafter/nbd_server.h"
 #include "drafter/cleanup.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 #include "drafter/log.h"
 #include "nbd_protocol.h"
 
@@ -62,46 +63,9 @@ struct nbd_server {
 
 /* ---- socket I/O ---- */
 
-static int read_full(int fd, void *buf, size_t len) {
-        char *p = buf;
-        while (len > 0) {
-                ssize_t n = recv(fd, p, len, MSG_WAITALL);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0)
-                        return -errno;
-                if (n == 0)
-                        return -ECONNRESET;
-                p += n;
-                len -= (size_t)n;
-        }
-        return 0;
-}
-
-static int write_iov(int fd, struct iovec *iov, int count) {
-        while (count > 0) {
-                struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)count};
-                ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0)
-                        return -errno;
-                while (count > 0 && (size_t)n >= iov->iov_len) {
-                        n -= (ssize_t)iov->iov_len;
-                        iov++;
-                        count--;
-                }
-                if (count > 0) {
-                        iov->iov_base = (char *)iov->iov_base + n;
-                        iov->iov_len -= (size_t)n;
-                }
-        }
-        return 0;
-}
-
 static int write_full(int fd, const void *buf, size_t len) {
         struct iovec iov = {(void *)buf, len};
-        return write_iov(fd, &iov, 1);
+        return io_write_iov(fd, &iov, 1);
 }
 
 /* Read and throw away `len` bytes (an option we will not act on). */
@@ -109,7 +73,7 @@ static int discard_bytes(int fd, uint64_t len) {
         char buf[4096];
         while (len > 0) {
                 size_t n = (size_t)MIN(len, (uint64_t)sizeof(buf));
-                int r = read_full(fd, buf, n);
+                int r = io_read_full(fd, buf, n);
                 if (r < 0)
                         return r;
                 len -= n;
@@ -131,7 +95,7 @@ static int send_option_reply(struct nbd_connection *c, uint32_t option, uint32_t
         struct option_reply_header h = {htobe64(NBD_OPTION_REPLY_MAGIC), htobe32(option), htobe32(type),
                                         htobe32(len)};
         struct iovec iov[2] = {{&h, sizeof(h)}, {(void *)data, len}};
-        return write_iov(c->fd, iov, len ? 2 : 1);
+        return io_write_iov(c->fd, iov, len ? 2 : 1);
 }
 
 static int send_option_error(struct nbd_connection *c, uint32_t option, uint32_t type, const char *message) {
@@ -289,7 +253,7 @@ static int handshake(struct nbd_connection *c) {
         if (r < 0)
                 return r;
         uint32_t client_flags;
-        if ((r = read_full(c->fd, &client_flags, 4)) < 0)
+        if ((r = io_read_full(c->fd, &client_flags, 4)) < 0)
                 return r;
         client_flags = be32toh(client_flags);
         if (client_flags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
@@ -304,7 +268,7 @@ static int handshake(struct nbd_connection *c) {
                         uint64_t magic;
                         uint32_t option, length;
                 } __attribute__((packed)) h;
-                if ((r = read_full(c->fd, &h, sizeof(h))) < 0)
+                if ((r = io_read_full(c->fd, &h, sizeof(h))) < 0)
                         return r;
                 if (be64toh(h.magic) != NBD_IHAVEOPT)
                         return error_set(-EPROTO, "nbd: bad option magic");
@@ -317,7 +281,7 @@ static int handshake(struct nbd_connection *c) {
                                 return r;
                         continue;
                 }
-                if ((r = read_full(c->fd, data, len)) < 0)
+                if ((r = io_read_full(c->fd, data, len)) < 0)
                         return r;
 
                 switch (option) {
@@ -429,7 +393,7 @@ static void mark_dead(struct nbd_connection *c) {
 
 static void send_locked(struct nbd_connection *c, struct iovec *iov, int count) {
         pthread_mutex_lock(&c->write_lock);
-        int r = write_iov(c->fd, iov, count);
+        int r = io_write_iov(c->fd, iov, count);
         pthread_mutex_unlock(&c->write_lock);
         if (r < 0)
                 mark_dead(c);
@@ -623,7 +587,7 @@ static void *transmission_worker(void *arg) {
                         break;
                 }
                 unsigned char raw[NBD_REQUEST_SIZE];
-                int r = read_full(c->fd, raw, sizeof(raw));
+                int r = io_read_full(c->fd, raw, sizeof(raw));
                 if (r < 0) {
                         mark_dead(c);
                         pthread_mutex_unlock(&c->read_lock);
@@ -662,7 +626,7 @@ static void *transmission_worker(void *arg) {
                                 pthread_mutex_unlock(&c->read_lock);
                                 break;
                         }
-                        if (read_full(c->fd, wb.payload, req.length) < 0) {
+                        if (io_read_full(c->fd, wb.payload, req.length) < 0) {
                                 mark_dead(c);
                                 pthread_mutex_unlock(&c->read_lock);
                                 break;
