@@ -26,6 +26,13 @@ start_mounter() { # variable name raddr laddr
         printf -v "$1" '%s' $!
         on_exit "kill -INT $! 2>/dev/null; sleep 0.2; kill -9 $! 2>/dev/null; umount -l '$WORK/$2/mnt' 2>/dev/null"
 }
+# expect_arrived NAME LABEL: NAME's mounter completed and holds what the writers were told.
+expect_arrived() {
+        wait_for_files "$WORK/$1/mnt"
+        for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/$1.log" && break; sleep 0.05; done
+        cmp "$WORK/$1/mnt/disk" "$WORK/expect-disk" || fail "$2: disk differs"
+        cmp "$WORK/$1/mnt/small" "$WORK/expect-small" || fail "$2: small differs"
+}
 wait_for_files() { # dir
         for _ in $(seq 1 200); do [[ -f "$1/disk" ]] && return 0; sleep 0.05; done
         fail "no device files in $1"
@@ -78,20 +85,14 @@ writer "$WORK/b/mnt/small" "$WORK/expect-small" 0.3 2 >/dev/null
 writer "$WORK/b/mnt/disk" "$WORK/expect-disk" 0.3 3 >/dev/null
 start_mounter C c "unix:$WORK/b.sock" "unix:$WORK/c.sock"
 wait "$B" || { cat "$WORK/b.log"; fail "B did not hand over cleanly"; }
-wait_for_files "$WORK/c/mnt"
-for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/c.log" && break; sleep 0.05; done
-cmp "$WORK/c/mnt/disk" "$WORK/expect-disk" || fail "C: disk differs"
-cmp "$WORK/c/mnt/small" "$WORK/expect-small" || fail "C: small differs"
+expect_arrived c C
 
 # Writes on C, then back to a fresh A (its old overlay is replaced by what arrives).
 writer "$WORK/c/mnt/disk" "$WORK/expect-disk" 0.3 4 >/dev/null
 rm -rf "$WORK/a/overlay" "$WORK/a/state"
 start_mounter A2 a "unix:$WORK/c.sock" ""
 wait "$C" || { cat "$WORK/c.log"; fail "C did not hand over cleanly"; }
-wait_for_files "$WORK/a/mnt"
-for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/a.log" && break; sleep 0.05; done
-cmp "$WORK/a/mnt/disk" "$WORK/expect-disk" || fail "A again: disk differs"
-cmp "$WORK/a/mnt/small" "$WORK/expect-small" || fail "A again: small differs"
+expect_arrived a "A again"
 kill -INT "$A2"
 wait "$A2" || fail "A exited with an error on SIGINT"
 mountpoint -q "$WORK/a/mnt" && fail "A left its mount behind"

@@ -6,6 +6,7 @@
 #include "helpers.h"
 #include "drafter/cleanup.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 #include "drafter/nbd_server.h"
 #include "../../../lib/expose/nbd/nbd_protocol.h"
 
@@ -40,27 +41,12 @@ struct client {
 };
 
 static int send_all(int fd, const void *buf, size_t len) {
-        const char *p = buf;
-        while (len > 0) {
-                ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-                if (n <= 0)
-                        return -1;
-                p += n;
-                len -= (size_t)n;
-        }
-        return 0;
+        struct iovec iov = {(void *)buf, len};
+        return io_write_iov(fd, &iov, 1) < 0 ? -1 : 0;
 }
 
 static int recv_all(int fd, void *buf, size_t len) {
-        char *p = buf;
-        while (len > 0) {
-                ssize_t n = recv(fd, p, len, 0);
-                if (n <= 0)
-                        return -1;
-                p += n;
-                len -= (size_t)n;
-        }
-        return 0;
+        return io_read_full(fd, buf, len) < 0 ? -1 : 0;
 }
 
 static void client_open(struct client *c, struct nbd_server *srv) {

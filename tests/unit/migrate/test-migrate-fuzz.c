@@ -9,6 +9,7 @@
 #include "drafter/cleanup.h"
 #include "drafter/clock.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 #include "drafter/migrate.h"
 #include "drafter/waiting_cache.h"
 
@@ -26,15 +27,8 @@
 #define BLOCKS (DEV_SIZE / BS)
 
 static int send_raw(int fd, const void *buf, size_t len) {
-        const uint8_t *p = buf;
-        while (len > 0) {
-                ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-                if (n <= 0)
-                        return -1;
-                p += n;
-                len -= (size_t)n;
-        }
-        return 0;
+        struct iovec iov = {(void *)buf, len};
+        return io_write_iov(fd, &iov, 1) < 0 ? -1 : 0;
 }
 
 static int send_frame(int fd, uint8_t type, uint8_t flags, uint16_t device, const void *payload, uint32_t len) {
