@@ -21,6 +21,7 @@
 #include "drafter/transport.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -50,6 +51,7 @@ struct mounter {
         struct fuse_export *fx;
         struct migrate_destination *dest;
         const char *mount_dir;
+        unsigned concurrency;
 };
 
 static int open_local(void *ctx, const struct migrate_device_info *info, struct block_device **ret) {
@@ -191,7 +193,13 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
                 devs[i] = (struct migrate_source_device){c->name, m->tracker[i], m->vm[i], only, c->max_dirty_blocks,
                                                          c->min_cycles, c->max_cycles, c->cycle_throttle_ns};
         }
-        struct migrate_source_config cfg = {devs, m->count, NULL, suspend_hook, m, true, true};
+        struct migrate_source_config cfg = {.devices = devs,
+                                            .count = m->count,
+                                            .suspend = suspend_hook,
+                                            .ctx = m,
+                                            .compress = true,
+                                            .progress = true,
+                                            .concurrency = m->concurrency};
         for (;;) {
                 struct pollfd p[2] = {{.fd = lfd, .events = POLLIN}, {.fd = sigfd, .events = POLLIN}};
                 if (poll(p, 2, -1) < 0 && errno != EINTR)
@@ -266,7 +274,7 @@ int main(int argc, char **argv) {
         signal(SIGPIPE, SIG_IGN);
         int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
 
-        struct mounter m = {.mount_dir = mount_dir};
+        struct mounter m = {.mount_dir = mount_dir, .concurrency = (unsigned)MIN(concurrency, (int64_t)UINT_MAX)};
         int status = 1;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &m.list) < 0) {
                 log_error("%s", error_message());

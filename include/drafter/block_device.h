@@ -19,6 +19,10 @@ struct block_device_ops {
         int (*flush)(struct block_device *dev);
         /* Optional: deallocate the range; it reads as zeros afterwards. NULL: zeros are written. */
         int (*discard)(struct block_device *dev, size_t len, uint64_t off);
+        /* Optional: the device's own memory for [off, off + len), valid until close: reading it
+         * reads the device, writing it writes the device. NULL from devices without such memory
+         * (and from every layer that must see each access, such as trackers and caches). */
+        void *(*map)(struct block_device *dev, size_t len, uint64_t off);
         void (*close)(struct block_device *dev);
 };
 
@@ -37,6 +41,8 @@ int block_device_read_at(struct block_device *dev, void *buf, size_t len, uint64
 int block_device_write_at(struct block_device *dev, const void *buf, size_t len, uint64_t off);
 int block_device_flush(struct block_device *dev);
 int block_device_discard(struct block_device *dev, size_t len, uint64_t off);
+/* The device's memory for the range (see `map` above), or NULL: then use read_at/write_at. */
+void *block_device_map(struct block_device *dev, size_t len, uint64_t off);
 /* Close and free; NULL is fine. */
 void block_device_close(struct block_device *dev);
 

@@ -22,6 +22,10 @@ int dirty_tracker_wrap(struct block_device *inner, enum dirty_tracker_mode mode,
 int dirty_tracker_read_tracked(struct block_device *dev, void *buf, size_t len, uint64_t off);
 
 /* Start tracking every block (e.g. when the destination already has the contents). */
+/* Like dirty_tracker_read_tracked(), without the copy: starts tracking the range and returns the
+ * inner device's memory for it (block_device_map), or NULL (nothing tracked) if it has none. */
+const void *dirty_tracker_map_tracked(struct block_device *dev, size_t len, uint64_t off);
+
 void dirty_tracker_track_all(struct block_device *dev);
 
 /* Take the dirty blocks and reset them: *ret_blocks (malloc'd, ascending) gets *ret_count indices. */

@@ -34,7 +34,12 @@ struct migrate_source_config {
         bool compress; /* offer zstd */
         /* Progress lines ("Migrated X of Y initial blocks for local device N") through log_info. */
         bool progress;
+        /* Blocks queued for one write at most (0: 16, at most MIGRATE_MAX_BATCH); blocks that must be copied out of their
+         * device take a buffer each, so this also bounds the sender's buffer memory. */
+        unsigned concurrency;
 };
+
+#define MIGRATE_MAX_BATCH 64
 
 struct migrate_stats {
         uint64_t blocks_sent, zero_blocks, compressed_blocks, bytes_sent, bytes_received;

@@ -124,6 +124,28 @@ uint32_t migrate_encode_error(uint8_t *out, int err, const char *message);
 
 /* Blocking I/O on a stream: one whole frame, payload into *buf (grown as needed). */
 int migrate_read_frame(int fd, uint8_t **buf, size_t *cap, struct migrate_frame *ret_frame);
+/* Reading a stream of frames with one readv per frame where the peer keeps up: each payload
+ * read also fetches the next frame's header. A frame's payload stays valid until the next call. */
+struct migrate_reader {
+        int fd;
+        uint8_t *buf;
+        size_t cap;
+        uint8_t head[MIGRATE_HEADER_SIZE];
+        size_t head_have;
+        size_t left; /* payload bytes of the current frame not read yet */
+        uint8_t type;
+};
+int migrate_reader_init(struct migrate_reader *r, int fd);
+/* A whole frame. */
+int migrate_reader_next(struct migrate_reader *r, struct migrate_frame *ret_frame);
+/* Or in parts: the header (payload NULL), then its payload with migrate_reader_take() calls
+ * (dst NULL drops bytes) until none is left. */
+int migrate_reader_header(struct migrate_reader *r, struct migrate_frame *ret_frame);
+int migrate_reader_take(struct migrate_reader *r, void *dst, size_t len);
+/* True if the rest of the current payload has arrived (is buffered by the kernel): reading it
+ * cannot stop half-way, so it may go straight to its final place. */
+bool migrate_reader_has_rest(struct migrate_reader *r);
+void migrate_reader_free(struct migrate_reader *r);
 /* Header + payload pieces in one sendmsg loop. */
 int migrate_write_frame(int fd, uint8_t type, uint8_t flags, uint16_t device, const struct iovec *payload,
                         int count);

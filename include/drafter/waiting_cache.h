@@ -25,6 +25,14 @@ enum waiting_cache_supply_flags {
  * wakes readers waiting for it. Returns 1 if written, 0 if dropped. */
 int waiting_cache_supply(struct block_device *dev, uint64_t block, const void *data, unsigned flags);
 
+/* Supply without a copy: when the inner device has memory (block_device_map), call
+ * fill(ctx, memory, length) to write the block's data straight into it, then mark it present.
+ * When the block is dropped (IF_MISSING and present) fill gets NULL and must consume its source
+ * anyway. -EOPNOTSUPP (without calling fill) if the inner device has no memory. Returns 1 if
+ * written, 0 if dropped, or fill's error (the block stays missing). */
+int waiting_cache_supply_direct(struct block_device *dev, uint64_t block, unsigned flags,
+                                int (*fill)(void *ctx, void *dst, size_t len), void *ctx);
+
 /* Mark blocks present without data (the inner device already holds them). */
 void waiting_cache_mark_present(struct block_device *dev, uint64_t first, uint64_t count);
 /* Mark a block missing again (its contents changed at the source). */

@@ -161,25 +161,65 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
         return r < 0 ? r : 0;
 }
 
+static int fill_from_stream(void *ctx, void *dst, size_t len) {
+        return migrate_reader_take(ctx, dst, len);
+}
+
+/* The payload of a frame whose header was read, into buf (room for all of it), then handle it.
+ * Before authority a BLOCK goes straight into the device's memory when it has some and the whole
+ * block has already arrived: a frame cut short never touches the device, and as no local writer
+ * competes before authority, holding the block's lock during the read blocks nobody. */
+static int receive(struct destination *d, struct migrate_reader *rd, struct migrate_frame *f, uint8_t *buf) {
+        struct migrate_message m;
+        f->payload = buf;
+        int r;
+        if (f->type == MIGRATE_BLOCK && f->length >= 8 && !d->authority) {
+                /* The block index first: parsing a BLOCK reads nothing past it. */
+                if ((r = migrate_reader_take(rd, buf, 8)) < 0 || (r = migrate_frame_parse(f, &d->table, true, &m)) < 0)
+                        return r;
+                r = migrate_reader_has_rest(rd)
+                            ? waiting_cache_supply_direct(d->devs[m.device], m.block.block, 0, fill_from_stream, rd)
+                            : -EOPNOTSUPP;
+                if (r != -EOPNOTSUPP) {
+                        d->stats.blocks_sent++; /* counted as received */
+                        return r < 0 ? r : 0;
+                }
+                if ((r = migrate_reader_take(rd, buf + 8, rd->left)) < 0)
+                        return r;
+        } else if ((r = migrate_reader_take(rd, buf, rd->left)) < 0 ||
+                   (r = migrate_frame_parse(f, &d->table, true, &m)) < 0) {
+                return r;
+        }
+        return handle(d, f, &m);
+}
+
 static void *receive_thread(void *arg) {
         struct destination *d = arg;
+        struct migrate_reader reader;
+        uint64_t t0 = clock_now_ns();
+        int r = migrate_reader_init(&reader, d->fd);
+        if (r < 0)
+                error_set(r, "migration: no memory for the receive buffer");
         uint8_t *buf = NULL;
         size_t cap = 0;
-        uint64_t t0 = clock_now_ns();
-        int r;
-        for (;;) {
+        while (r >= 0) {
                 struct migrate_frame f;
-                struct migrate_message m;
-                r = migrate_read_frame(d->fd, &buf, &cap, &f);
-                if (r >= 0)
-                        r = migrate_frame_parse(&f, &d->table, true, &m);
+                r = migrate_reader_header(&reader, &f);
+                if (r >= 0 && f.length > cap) {
+                        uint8_t *grown = realloc(buf, f.length);
+                        if (!grown)
+                                r = error_set(-ENOMEM, "migration: no memory for a %u-byte frame", f.length);
+                        buf = grown ? grown : buf;
+                        cap = grown ? f.length : cap;
+                }
                 if (r >= 0) {
                         d->stats.bytes_received += MIGRATE_HEADER_SIZE + f.length;
-                        r = handle(d, &f, &m);
+                        r = receive(d, &reader, &f, buf);
                 }
                 if (r != 0)
                         break;
         }
+        free(buf);
         if (r == -ECONNRESET)
                 error_set(r, "source: connection lost before the migration completed (%s)",
                           d->authority ? "after the authority transfer: blocks not received yet are unavailable"
@@ -194,7 +234,7 @@ static void *receive_thread(void *arg) {
         }
         d->result = r < 0 ? r : 0;
         d->stats.total_ns = clock_now_ns() - t0;
-        free(buf);
+        migrate_reader_free(&reader);
         return NULL;
 }
 

@@ -9,6 +9,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -372,5 +373,99 @@ int migrate_write_frame(int fd, uint8_t type, uint8_t flags, uint16_t device, co
         int r = io_write_iov(fd, iov, count + 1);
         if (r < 0)
                 return error_set_errno(r, "migration: write");
+        return 0;
+}
+
+int migrate_reader_init(struct migrate_reader *r, int fd) {
+        *r = (struct migrate_reader){.fd = fd};
+        return 0;
+}
+
+void migrate_reader_free(struct migrate_reader *r) {
+        free(r->buf);
+        r->buf = NULL;
+        r->cap = 0;
+}
+
+/* Read len bytes into p (NULL: drop them); with the payload's last bytes, also whatever part of
+ * the next frame's header the stream already has. */
+static int reader_take(struct migrate_reader *r, uint8_t *p, size_t len, bool last, const char *type) {
+        uint8_t drop[4096];
+        while (len > 0) {
+                size_t want = p ? len : MIN(len, sizeof(drop));
+                struct iovec iov[2] = {{p ? p : drop, want}, {r->head, MIGRATE_HEADER_SIZE}};
+                ssize_t n = readv(r->fd, iov, last && want == len ? 2 : 1);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return error_set_errno(-errno, "migration: read");
+                if (n == 0)
+                        return error_set(-ECONNRESET, "migration: connection lost inside a %s frame", type);
+                if ((size_t)n > want) {
+                        r->head_have = (size_t)n - want;
+                        n = (ssize_t)want;
+                }
+                if (p)
+                        p += n;
+                len -= (size_t)n;
+        }
+        return 0;
+}
+
+int migrate_reader_header(struct migrate_reader *r, struct migrate_frame *ret) {
+        if (r->left > 0)
+                return error_set(-EINVAL, "migration: %zu bytes of the last payload not read", r->left);
+        while (r->head_have < MIGRATE_HEADER_SIZE) {
+                ssize_t n = read(r->fd, r->head + r->head_have, MIGRATE_HEADER_SIZE - r->head_have);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return error_set_errno(-errno, "migration: read");
+                if (n == 0)
+                        return r->head_have ? error_set(-ECONNRESET, "migration: connection lost inside a frame header")
+                                            : error_set(-ECONNRESET, "migration: the peer closed the connection");
+                r->head_have += (size_t)n;
+        }
+        struct migrate_frame f;
+        int e = migrate_header_decode(r->head, &f);
+        if (e < 0)
+                return e;
+        r->head_have = 0;
+        r->left = f.length;
+        r->type = f.type;
+        f.payload = NULL;
+        *ret = f;
+        return 0;
+}
+
+int migrate_reader_take(struct migrate_reader *r, void *dst, size_t len) {
+        if (len > r->left)
+                return error_set(-EINVAL, "migration: reading %zu bytes of a payload with %zu left", len, r->left);
+        r->left -= len;
+        return reader_take(r, dst, len, r->left == 0, type_names[r->type]);
+}
+
+bool migrate_reader_has_rest(struct migrate_reader *r) {
+        int n = 0;
+        return ioctl(r->fd, FIONREAD, &n) == 0 && n >= 0 && (size_t)n >= r->left;
+}
+
+int migrate_reader_next(struct migrate_reader *r, struct migrate_frame *ret) {
+        struct migrate_frame f;
+        int e = migrate_reader_header(r, &f);
+        if (e < 0)
+                return e;
+        if (f.length > r->cap) {
+                size_t cap = MAX((size_t)f.length, (size_t)(64u << 10) + 64);
+                uint8_t *grown = realloc(r->buf, cap);
+                if (!grown)
+                        return -ENOMEM;
+                r->buf = grown;
+                r->cap = cap;
+        }
+        if ((e = migrate_reader_take(r, r->buf, f.length)) < 0)
+                return e;
+        f.payload = r->buf;
+        *ret = f;
         return 0;
 }

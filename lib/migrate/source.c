@@ -4,6 +4,7 @@
 #include "drafter/clock.h"
 #include "drafter/dirty_tracker.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 #include "drafter/log.h"
 
 #include <errno.h>
@@ -36,8 +37,16 @@ struct source {
         char peer_message[MIGRATE_MAX_MESSAGE + 64];
         struct bitmap *sent;    /* per device: sent at least once */
         struct bitmap *pending; /* per device: in the final set, not yet sent */
-        uint8_t *block_buf, *zstd_buf;
-        size_t zstd_cap;
+        /* Blocks queued for one sendmsg: each frame is a header (+ index or range) and maybe data,
+         * straight from the device's memory or from the slot's buffer. */
+        struct slot {
+                uint8_t head[MIGRATE_HEADER_SIZE + 12];
+                uint8_t *buf; /* block or compressed data; allocated when first needed */
+        } *slots;
+        size_t slot_count, queued;
+        struct iovec *iov;
+        int iov_count;
+        size_t buf_cap, zstd_cap;
         ZSTD_CCtx *cctx;
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
@@ -46,19 +55,50 @@ struct source {
 
 static int peer_failed(struct source *s);
 
-static int send_frame(struct source *s, uint8_t type, uint16_t device, const struct iovec *iov, int count) {
-        int r = migrate_write_frame(s->fd, type, 0, device, iov, count);
+static int write_failed(struct source *s, int r) {
         if (r == -EPIPE || r == -ECONNRESET) {
                 /* The reader may know why (an ERROR frame); otherwise say what happened. */
                 int why = peer_failed(s);
                 return why < 0 ? why : error_set(r, "destination: connection lost (%s)", strerror(-r));
         }
-        if (r >= 0) {
-                s->stats.bytes_sent += MIGRATE_HEADER_SIZE;
-                for (int i = 0; i < count; i++)
-                        s->stats.bytes_sent += iov[i].iov_len;
-        }
         return r;
+}
+
+/* Write every queued block frame in one go. */
+static int flush_blocks(struct source *s) {
+        if (s->queued == 0)
+                return 0;
+        for (int i = 0; i < s->iov_count; i++)
+                s->stats.bytes_sent += s->iov[i].iov_len;
+        int r = io_write_iov(s->fd, s->iov, s->iov_count);
+        s->queued = 0;
+        s->iov_count = 0;
+        return r < 0 ? write_failed(s, error_set_errno(r, "migration: write")) : 0;
+}
+
+static int send_frame(struct source *s, uint8_t type, uint16_t device, const struct iovec *iov, int count) {
+        int r = flush_blocks(s);
+        if (r < 0)
+                return r;
+        r = migrate_write_frame(s->fd, type, 0, device, iov, count);
+        if (r < 0)
+                return write_failed(s, r);
+        s->stats.bytes_sent += MIGRATE_HEADER_SIZE;
+        for (int i = 0; i < count; i++)
+                s->stats.bytes_sent += iov[i].iov_len;
+        return r;
+}
+
+/* Queue a frame of `prefix` bytes already in slot->head after the header, and `len` bytes at data. */
+static int queue_frame(struct source *s, struct slot *slot, uint8_t type, uint16_t device, size_t prefix,
+                       const void *data, size_t len) {
+        migrate_header_encode(slot->head, type, 0, device, (uint32_t)(prefix + len));
+        s->iov[s->iov_count++] = (struct iovec){slot->head, MIGRATE_HEADER_SIZE + prefix};
+        if (len)
+                s->iov[s->iov_count++] = (struct iovec){(void *)data, len};
+        if (++s->queued == s->slot_count)
+                return flush_blocks(s);
+        return 0;
 }
 
 static int send_event(struct source *s, uint16_t device, enum migrate_event event) {
@@ -149,53 +189,64 @@ static void *reader_thread(void *arg) {
         return NULL;
 }
 
-/* Read one block (starting its dirty tracking) and send it in the smallest form. */
+/* Queue one block in its smallest form, starting its dirty tracking as it is read. */
 static int send_block(struct source *s, size_t di, uint64_t block) {
         const struct migrate_source_device *sd = &s->cfg->devices[di];
         struct block_device *dev = sd->dev;
+        struct slot *slot = &s->slots[s->queued];
         size_t len = block_device_block_length(dev, block);
         uint64_t off = block * dev->block_size;
-        int r = dirty_tracker_inner(dev) ? dirty_tracker_read_tracked(dev, s->block_buf, len, off)
-                                         : block_device_read_at(dev, s->block_buf, len, off);
-        if (r < 0)
-                return r;
+        /* Straight from the device's memory when it has some (no copy), else through a read. */
+        const uint8_t *data = dirty_tracker_inner(dev) ? dirty_tracker_map_tracked(dev, len, off)
+                                                       : block_device_map(dev, len, off);
+        if (!slot->buf && (!data || s->cctx) && !(slot->buf = malloc(s->buf_cap)))
+                return error_set(-ENOMEM, "migration: no memory for a send buffer");
+        if (!data) {
+                int r = dirty_tracker_inner(dev) ? dirty_tracker_read_tracked(dev, slot->buf, len, off)
+                                                 : block_device_read_at(dev, slot->buf, len, off);
+                if (r < 0)
+                        return r;
+                data = slot->buf;
+        }
         bitmap_set(&s->sent[di], block);
         s->stats.blocks_sent++;
         uint16_t id = s->table.devices[di].id;
-        uint8_t head[12];
-        if ((s->caps & MIGRATE_CAP_ZERO_RUNS) && buffer_is_zero(s->block_buf, len)) {
+        uint8_t *prefix = slot->head + MIGRATE_HEADER_SIZE;
+        if ((s->caps & MIGRATE_CAP_ZERO_RUNS) && buffer_is_zero(data, len)) {
                 s->stats.zero_blocks++;
-                struct iovec iov = {head, migrate_encode_range(head, block, 1)};
-                return send_frame(s, MIGRATE_BLOCK_ZERO, id, &iov, 1);
+                return queue_frame(s, slot, MIGRATE_BLOCK_ZERO, id, migrate_encode_range(prefix, block, 1), NULL, 0);
         }
-        migrate_encode_block_index(head, block);
+        migrate_encode_block_index(prefix, block);
         /* Compression costs more than it saves on incompressible data: after misses in a row,
-         * try again only every so often (backing off up to every 64th block). */
+         * try again only every so often (backing off up to every 64th block). A block read into
+         * the slot's buffer is compressed from it into the same buffer's second half. */
         if (s->cctx && s->compress_skip > 0) {
                 s->compress_skip--;
         } else if (s->cctx) {
-                size_t n = ZSTD_compressCCtx(s->cctx, s->zstd_buf, s->zstd_cap, s->block_buf, len, 1);
+                uint8_t *out = data == slot->buf ? slot->buf + len : slot->buf;
+                size_t cap = data == slot->buf ? s->buf_cap - len : s->buf_cap;
+                size_t n = ZSTD_compressCCtx(s->cctx, out, cap, data, len, 1);
                 if (!ZSTD_isError(n) && n < len - len / 8) {
                         s->compress_misses = 0;
                         s->stats.compressed_blocks++;
-                        struct iovec iov[2] = {{head, 8}, {s->zstd_buf, n}};
-                        return send_frame(s, MIGRATE_BLOCK_ZSTD, id, iov, 2);
+                        return queue_frame(s, slot, MIGRATE_BLOCK_ZSTD, id, 8, out, n);
                 }
                 s->compress_misses = MIN(s->compress_misses + 1, 6u);
                 s->compress_skip = (1u << s->compress_misses) - 1;
         }
-        struct iovec iov[2] = {{head, 8}, {s->block_buf, len}};
-        return send_frame(s, MIGRATE_BLOCK, id, iov, 2);
+        return queue_frame(s, slot, MIGRATE_BLOCK, id, 8, data, len);
 }
 
 /* Serve the destination's NEED_AT requests. In post-copy only blocks still pending are sent
  * (the others are on their way or there). */
 static int serve_needs(struct source *s, bool postcopy) {
-        for (;;) {
+        for (bool served = false;; served = true) {
                 pthread_mutex_lock(&s->lock);
                 if (s->need_count == 0) {
                         pthread_mutex_unlock(&s->lock);
-                        return peer_failed(s);
+                        /* A reader waits for these: out now, not when the batch fills. */
+                        int r = served ? flush_blocks(s) : 0;
+                        return r < 0 ? r : peer_failed(s);
                 }
                 struct need n = s->needs[s->need_head];
                 s->need_head = (s->need_head + 1) % s->need_cap;
@@ -365,6 +416,9 @@ static int send_dirty_list(struct source *s, size_t di) {
 }
 
 static int wait_for(struct source *s, bool *flag) {
+        int r = flush_blocks(s);
+        if (r < 0)
+                return r;
         pthread_mutex_lock(&s->lock);
         while (!*flag && !s->peer_error && !s->reader_done)
                 pthread_cond_wait(&s->changed, &s->lock);
@@ -372,7 +426,7 @@ static int wait_for(struct source *s, bool *flag) {
         pthread_mutex_unlock(&s->lock);
         if (ok)
                 return 0;
-        int r = peer_failed(s);
+        r = peer_failed(s);
         return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
 }
 
@@ -528,12 +582,15 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         int r = -ENOMEM;
         s.sent = calloc(cfg->count, sizeof(struct bitmap));
         s.pending = calloc(cfg->count, sizeof(struct bitmap));
-        s.block_buf = malloc(max_block);
-        s.zstd_cap = ZSTD_compressBound(max_block);
-        s.zstd_buf = malloc(s.zstd_cap);
+        /* A block read into a buffer is compressed into the buffer's second half; a compressed
+         * block larger than 7/8 of the original is not worth sending anyway. */
+        s.buf_cap = 2 * (size_t)max_block;
+        s.slot_count = cfg->concurrency ? MIN(cfg->concurrency, (unsigned)MIGRATE_MAX_BATCH) : 16;
+        s.slots = calloc(s.slot_count, sizeof(*s.slots));
+        s.iov = calloc(2 * s.slot_count, sizeof(*s.iov));
         if (cfg->compress)
                 s.cctx = ZSTD_createCCtx();
-        if (s.sent && s.pending && s.block_buf && s.zstd_buf && (!cfg->compress || s.cctx)) {
+        if (s.sent && s.pending && s.slots && s.iov && (!cfg->compress || s.cctx)) {
                 r = 0;
                 for (size_t i = 0; i < cfg->count && r == 0; i++)
                         if (bitmap_init(&s.sent[i], block_device_block_count(cfg->devices[i].dev)) < 0 ||
@@ -564,8 +621,10 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         }
         free(s.sent);
         free(s.pending);
-        free(s.block_buf);
-        free(s.zstd_buf);
+        for (size_t i = 0; s.slots && i < s.slot_count; i++)
+                free(s.slots[i].buf);
+        free(s.slots);
+        free(s.iov);
         free(s.needs);
         ZSTD_freeCCtx(s.cctx);
         pthread_mutex_destroy(&s.lock);

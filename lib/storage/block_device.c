@@ -44,6 +44,12 @@ int block_device_flush(struct block_device *dev) {
         return dev->ops->flush ? dev->ops->flush(dev) : 0;
 }
 
+void *block_device_map(struct block_device *dev, size_t len, uint64_t off) {
+        if (!dev->ops->map || len == 0 || off > dev->size || len > dev->size - off)
+                return NULL;
+        return dev->ops->map(dev, len, off);
+}
+
 int block_device_discard(struct block_device *dev, size_t len, uint64_t off) {
         int r = check_range(dev, "discard", len, off);
         if (r < 0 || len == 0)

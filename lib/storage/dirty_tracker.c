@@ -99,6 +99,16 @@ int dirty_tracker_read_tracked(struct block_device *dev, void *buf, size_t len, 
         return block_device_read_at(t->inner, buf, len, off);
 }
 
+const void *dirty_tracker_map_tracked(struct block_device *dev, size_t len, uint64_t off) {
+        struct dirty_tracker *t = to_tracker(dev);
+        void *p = block_device_map(t->inner, len, off);
+        if (p) {
+                uint64_t first = off / dev->block_size, last = (off + len - 1) / dev->block_size;
+                bitmap_set_range(&t->tracking, first, last - first + 1);
+        }
+        return p;
+}
+
 void dirty_tracker_track_all(struct block_device *dev) {
         bitmap_set_all(&to_tracker(dev)->tracking);
 }

@@ -41,6 +41,11 @@ static int memory_discard(struct block_device *dev, size_t len, uint64_t off) {
         return 0;
 }
 
+static void *memory_map(struct block_device *dev, size_t len, uint64_t off) {
+        (void)len;
+        return to_memory(dev)->data + off;
+}
+
 static void memory_close(struct block_device *dev) {
         struct memory_device *m = to_memory(dev);
         munmap(m->data, m->mapped);
@@ -51,6 +56,7 @@ static const struct block_device_ops memory_ops = {
         .read_at = memory_read_at,
         .write_at = memory_write_at,
         .discard = memory_discard,
+        .map = memory_map,
         .close = memory_close,
 };
 
@@ -62,6 +68,9 @@ int memory_device_open(const char *name, uint64_t size, uint32_t block_size, str
         m->data = mmap(NULL, m->mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m->data == MAP_FAILED)
                 return error_set_errno(-errno, "%s: cannot reserve %" PRIu64 " bytes of memory", name, size);
+        /* Huge pages where the kernel allows them on request: a 1 GiB device then takes 512
+         * page faults to fill, not 262,144. Advice only; failure changes nothing. */
+        (void)madvise(m->data, m->mapped, MADV_HUGEPAGE);
         int r = block_device_init(&m->dev, &memory_ops, name, size, block_size);
         if (r < 0) {
                 munmap(m->data, m->mapped);

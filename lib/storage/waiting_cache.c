@@ -197,6 +197,31 @@ int waiting_cache_supply(struct block_device *dev, uint64_t block, const void *d
         return r;
 }
 
+int waiting_cache_supply_direct(struct block_device *dev, uint64_t block, unsigned flags,
+                                int (*fill)(void *ctx, void *dst, size_t len), void *ctx) {
+        struct waiting_cache *w = to_cache(dev);
+        if (block >= block_device_block_count(dev))
+                return error_set(-ERANGE, "%s: block %" PRIu64 " is beyond the last block %" PRIu64, dev->name,
+                                 block, block_device_block_count(dev) - 1);
+        size_t len = block_device_block_length(dev, block);
+        void *mem = block_device_map(w->inner, len, block * dev->block_size);
+        if (!mem)
+                return -EOPNOTSUPP;
+        pthread_mutex_lock(stripe_for(w, block));
+        bool write = !(flags & WAITING_CACHE_IF_MISSING) || !bitmap_test(&w->present, block);
+        int r = fill(ctx, write ? mem : NULL, len);
+        if (r >= 0 && write) {
+                bitmap_set(&w->present, block);
+                r = 1;
+        } else if (r >= 0) {
+                r = 0;
+        }
+        pthread_mutex_unlock(stripe_for(w, block));
+        if (r > 0)
+                wake_all(w);
+        return r;
+}
+
 void waiting_cache_mark_present(struct block_device *dev, uint64_t first, uint64_t count) {
         struct waiting_cache *w = to_cache(dev);
         bitmap_set_range(&w->present, first, count);

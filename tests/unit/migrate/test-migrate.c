@@ -126,6 +126,12 @@ static void *run_source(void *arg) {
         return NULL;
 }
 
+/* Variations of the source: blocks straight from memory (no volatility layer between the tracker
+ * and the memory device, so the sender maps instead of copying), and how many blocks go in one
+ * write. */
+static bool source_maps;
+static unsigned source_concurrency;
+
 static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycles, int64_t throttle_ns,
                          bool disable_postcopy, bool read_all, bool compress, uint64_t seed) {
         struct world w = {.seed = seed, .read_all_at_authority = read_all};
@@ -143,8 +149,13 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                         memset(init + off, 'a', shapes[i].block_size / 2); /* compressible */
                 assert_ok(block_device_write_at(mem, init, shapes[i].size, 0));
                 free(init);
-                assert_ok(volatility_monitor_new(block_device_block_count(mem), NSEC_PER_SEC, clock_now_ns(), &w.vm[i]));
-                assert_ok(volatility_device_wrap(mem, w.vm[i], &vdev));
+                if (source_maps) {
+                        vdev = mem;
+                } else {
+                        assert_ok(volatility_monitor_new(block_device_block_count(mem), NSEC_PER_SEC, clock_now_ns(),
+                                                         &w.vm[i]));
+                        assert_ok(volatility_device_wrap(mem, w.vm[i], &vdev));
+                }
                 assert_ok(dirty_tracker_wrap(vdev, DIRTY_TRACK_AFTER_READ, &w.src[i]));
                 w.sdev[i] = (struct migrate_source_device){shapes[i].name, w.src[i], w.vm[i], NULL, max_dirty,
                                                            min_cycles, max_cycles, throttle_ns};
@@ -155,7 +166,12 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
         int sv[2];
         assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
         struct source_args src = {.fd = sv[0],
-                                  .cfg = {w.sdev, NDEV, NULL, suspend_hook, &w, compress, false}};
+                                  .cfg = {.devices = w.sdev,
+                                          .count = NDEV,
+                                          .suspend = suspend_hook,
+                                          .ctx = &w,
+                                          .compress = compress,
+                                          .concurrency = source_concurrency}};
         pthread_t st;
         assert_int_equal(pthread_create(&st, NULL, run_source, &src), 0);
         struct migrate_destination_config dcfg = {open_dest_device, authority_hook, &w, disable_postcopy,
@@ -221,11 +237,21 @@ static void test_precopy_and_postcopy(void **state) {
 }
 
 static void test_precopy_only(void **state) {
+        source_concurrency = 1; /* every block in its own write */
         migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, true, false, false, test_seed("test-migrate") + 1);
 }
 
 static void test_postcopy_only(void **state) {
+        source_concurrency = 0;
         migrate_once(0, 0, 0, 0, false, false, true, test_seed("test-migrate") + 2);
+}
+
+static void test_source_maps(void **state) {
+        source_maps = true;
+        source_concurrency = 3;
+        migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, false, false, true, test_seed("test-migrate") + 4);
+        source_maps = false;
+        source_concurrency = 0;
 }
 
 static void test_postcopy_reads_wait_for_data(void **state) {
@@ -239,6 +265,7 @@ int main(void) {
                 cmocka_unit_test(test_precopy_only),
                 cmocka_unit_test(test_postcopy_only),
                 cmocka_unit_test(test_postcopy_reads_wait_for_data),
+                cmocka_unit_test(test_source_maps),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -40,6 +40,38 @@ static void test_track_all(void **state) {
         block_device_close(dev);
 }
 
+/* The no-copy read: the memory it returns is the device's, and it starts tracking like a read;
+ * devices without memory return NULL and track nothing. */
+static void test_map_tracked(void **state) {
+        struct block_device *mem, *dev;
+        assert_ok(memory_device_open("memory", 16 * 4096, 4096, &mem));
+        assert_ok(dirty_tracker_wrap(mem, DIRTY_TRACK_AFTER_READ, &dev));
+        char buf[4096];
+        memset(buf, 0x42, sizeof(buf));
+        assert_ok(block_device_write_at(dev, buf, 4096, 2 * 4096));
+        const unsigned char *p = dirty_tracker_map_tracked(dev, 4096, 2 * 4096);
+        assert_non_null(p);
+        assert_memory_equal(p, buf, 4096);
+        expect_collect(dev, NULL, 0);
+        assert_ok(block_device_write_at(dev, buf, 1, 2 * 4096 + 7));
+        expect_collect(dev, (uint64_t[]){2}, 1);
+        assert_null(dirty_tracker_map_tracked(dev, 4096, 16 * 4096)); /* out of range */
+        assert_null(block_device_map(dev, 4096, 0)); /* trackers never lend memory */
+        block_device_close(dev);
+
+        char *dir = test_tmpdir_new();
+        char path[512];
+        snprintf(path, sizeof(path), "%s/disk", dir);
+        struct block_device *file;
+        assert_ok(file_device_open("file", path, FILE_DEVICE_CREATE, 16 * 4096, 4096, &file));
+        assert_ok(dirty_tracker_wrap(file, DIRTY_TRACK_AFTER_READ, &dev));
+        assert_null(dirty_tracker_map_tracked(dev, 4096, 0));
+        assert_ok(block_device_write_at(dev, buf, 1, 0));
+        expect_collect(dev, NULL, 0); /* nothing was tracked */
+        block_device_close(dev);
+        test_tmpdir_remove(dir);
+}
+
 static void test_track_after_read(void **state) {
         struct block_device *mem, *dev;
         assert_ok(memory_device_open("memory", 64 * 4096, 4096, &mem));
@@ -149,6 +181,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_track_all),
                 cmocka_unit_test(test_track_after_read),
+                cmocka_unit_test(test_map_tracked),
                 cmocka_unit_test(test_concurrent_migration),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);

@@ -197,12 +197,76 @@ static void test_local_writes(void **state) {
         block_device_close(dev);
 }
 
+struct fill {
+        const unsigned char *data;
+        unsigned calls, dropped;
+        int result;
+};
+
+static int fill_block(void *ctx, void *dst, size_t len) {
+        struct fill *f = ctx;
+        f->calls++;
+        if (!dst)
+                f->dropped++;
+        else
+                memcpy(dst, f->data, f->result < 0 ? len / 2 : len); /* a failing fill stops half-way */
+        return f->result;
+}
+
+/* Supplying straight into the inner device's memory: written and woken like a supply, dropped
+ * with IF_MISSING (fill still consumes), a failed fill leaves the block missing, and an inner
+ * device without memory says so before anything is consumed. */
+static void test_supply_direct(void **state) {
+        struct needs needs = {PTHREAD_MUTEX_INITIALIZER, {0}};
+        struct block_device *dev = open_cache(&needs, 0);
+        unsigned char remote[BS], local[BS], got[BS];
+        memset(remote, 0x5a, BS);
+        memset(local, 0x11, BS);
+
+        struct reader r = {.dev = dev, .off = 3 * BS, .len = BS};
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, read_thread, &r), 0);
+        wait_for_need(&needs, 3);
+        struct fill f = {remote, 0, 0, 0};
+        assert_int_equal(waiting_cache_supply_direct(dev, 3, 0, fill_block, &f), 1);
+        pthread_join(t, NULL);
+        assert_int_equal(r.result, 0);
+        assert_memory_equal(r.buf, remote, BS);
+
+        assert_ok(block_device_write_at(dev, local, BS, 5 * BS));
+        assert_int_equal(waiting_cache_supply_direct(dev, 5, WAITING_CACHE_IF_MISSING, fill_block, &f), 0);
+        assert_int_equal(f.dropped, 1);
+        assert_ok(block_device_read_at(dev, got, BS, 5 * BS));
+        assert_memory_equal(got, local, BS);
+
+        f.result = -ECONNRESET;
+        uint64_t missing = waiting_cache_missing(dev);
+        assert_int_equal(waiting_cache_supply_direct(dev, 7, 0, fill_block, &f), -ECONNRESET);
+        assert_int_equal(waiting_cache_missing(dev), missing);
+        assert_int_equal(waiting_cache_supply_direct(dev, BLOCKS, 0, fill_block, &f), -ERANGE);
+        block_device_close(dev);
+
+        /* A file device has no memory to lend. */
+        char *dir = test_tmpdir_new();
+        char path[512];
+        snprintf(path, sizeof(path), "%s/disk", dir);
+        struct block_device *file, *cache;
+        assert_ok(file_device_open("file", path, FILE_DEVICE_CREATE, BLOCKS * BS, BS, &file));
+        assert_ok(waiting_cache_wrap(file, record_need, &needs, 0, &cache));
+        unsigned calls = f.calls;
+        assert_int_equal(waiting_cache_supply_direct(cache, 1, 0, fill_block, &f), -EOPNOTSUPP);
+        assert_int_equal(f.calls, calls);
+        block_device_close(cache);
+        test_tmpdir_remove(dir);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_read_waits_for_supply),
                 cmocka_unit_test(test_timeout),
                 cmocka_unit_test(test_cancel),
                 cmocka_unit_test(test_local_writes),
+                cmocka_unit_test(test_supply_direct),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
