@@ -52,7 +52,16 @@ struct mounter {
         struct migrate_destination *dest;
         const char *mount_dir;
         unsigned concurrency;
+        /* Files this destination created: a failed migration removes them (partial copies). */
+        char *created[3 * MIGRATE_MAX_DEVICES];
+        size_t created_count;
 };
+
+static void note_created(struct mounter *m, const char *path) {
+        struct stat st;
+        if (path && *path && stat(path, &st) < 0 && m->created_count < sizeof(m->created) / sizeof(m->created[0]))
+                m->created[m->created_count++] = strdup(path);
+}
 
 static int open_local(void *ctx, const struct migrate_device_info *info, struct block_device **ret) {
         struct mounter *m = ctx;
@@ -62,6 +71,9 @@ static int open_local(void *ctx, const struct migrate_device_info *info, struct 
         if (cfg->block_size != info->block_size)
                 return error_set(-EINVAL, "device \"%s\": --devices says blockSize %u, the source uses %u", info->name,
                                  cfg->block_size, info->block_size);
+        note_created(m, cfg->overlay);
+        note_created(m, cfg->state);
+        note_created(m, cfg->base);
         /* No local base yet: start from an empty (sparse) one of the source's size. */
         struct stat st;
         if (stat(cfg->base, &st) < 0) {
@@ -143,12 +155,31 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         if ((r = expose(m)) < 0)
                 return r;
         struct migrate_stats st;
-        if ((r = migrate_destination_wait(m->dest, &st)) < 0)
-                return r;
+        if ((r = migrate_destination_wait(m->dest, &st)) < 0) {
+                if (!st.authority_transferred) {
+                        /* The source keeps the devices: what arrived here is a partial copy. */
+                        for (size_t i = 0; i < m->created_count; i++)
+                                if (unlink(m->created[i]) < 0 && errno != ENOENT)
+                                        log_info("Could not remove the partial copy %s: %s", m->created[i],
+                                                 strerror(errno));
+                        if (m->created_count)
+                                log_info("Removed the %zu files of the partial copy", m->created_count);
+                        return r;
+                }
+                /* The devices are ours now and the source will not resume: serve what arrived
+                 * (reads of blocks that never did fail) until stopped, then report the failure. */
+                char why[1024];
+                snprintf(why, sizeof(why), "%s", error_message());
+                log_error("%s", why);
+                log_info("Serving the blocks that arrived until stopped; reads of the others fail");
+                struct signalfd_siginfo si;
+                if (read(sigfd, &si, sizeof(si)) < 0)
+                        log_debug("signalfd: %s", strerror(errno));
+                return error_set(r, "migration failed after taking authority: %s", why);
+        }
         log_info("Received %zu devices in %.1f ms (%" PRIu64 " blocks, %.1f MB)", n, (clock_now_ns() - start) / 1e6,
                  st.blocks_sent, st.bytes_received / 1e6);
         log_info("Completed all device migrations");
-        (void)sigfd;
         return 0;
 }
 
@@ -320,6 +351,8 @@ out:
         free(m.tracker);
         free(m.top);
         free(m.vm);
+        for (size_t i = 0; i < m.created_count; i++)
+                free(m.created[i]);
         device_list_free(&m.list);
         close(sigfd);
         return status;

@@ -45,7 +45,9 @@ struct migrate_stats {
         uint64_t blocks_sent, zero_blocks, compressed_blocks, bytes_sent, bytes_received;
         uint64_t need_at_served, cycles, final_dirty_blocks;
         uint64_t bulk_ns, cycles_ns, suspend_ns, authority_ns, total_ns;
-        bool authority_transferred; /* the destination acknowledged authority */
+        /* The destination acknowledged authority, or may have: AUTHORITY was sent and no ERROR
+         * from the destination came ahead of an acknowledgement. */
+        bool authority_transferred;
         bool completed;             /* the destination acknowledged completion */
 };
 

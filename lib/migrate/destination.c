@@ -229,8 +229,10 @@ static void *receive_thread(void *arg) {
                 /* Tell the source (it may still be listening), then release every waiting reader. */
                 uint8_t p[6 + MIGRATE_MAX_MESSAGE];
                 send_frame(d, MIGRATE_ERROR, MIGRATE_CONNECTION, p, migrate_encode_error(p, r, d->message));
+                /* To a reader (a VM's disk, a file through FUSE) a block that will never arrive
+                 * is an I/O error; the message says why. */
                 for (size_t i = 0; i < d->table.count; i++)
-                        waiting_cache_cancel(d->devs[i], r, d->message);
+                        waiting_cache_cancel(d->devs[i], -EIO, d->message);
         }
         d->result = r < 0 ? r : 0;
         d->stats.total_ns = clock_now_ns() - t0;

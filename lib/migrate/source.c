@@ -33,6 +33,8 @@ struct source {
         struct need *needs;
         size_t need_head, need_count, need_cap;
         bool authority_ack, completed_ack, reader_done;
+        bool authority_sent; /* the AUTHORITY frame was written whole: the destination may act on it */
+        bool refused;        /* an ERROR came from the destination before any AUTHORITY_ACK */
         int peer_error;
         char peer_message[MIGRATE_MAX_MESSAGE + 64];
         struct bitmap *sent;    /* per device: sent at least once */
@@ -170,6 +172,7 @@ static void *reader_thread(void *arg) {
                         }
                         s->completed_ack = true;
                 } else if (m.type == MIGRATE_ERROR) {
+                        s->refused = !s->authority_ack;
                         s->peer_error = m.error.err < 0 ? m.error.err : -EPROTO;
                         snprintf(s->peer_message, sizeof(s->peer_message), "destination: %s", m.error.message);
                 } else {
@@ -534,6 +537,7 @@ static int run(struct source *s) {
         if ((r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_SUSPENDED)) < 0 ||
             (r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_AUTHORITY)) < 0)
                 return r;
+        s->authority_sent = true;
         s->stats.suspend_ns = clock_now_ns() - t;
 
         /* Post-copy: what the destination asks for first, then the rest in order. */
@@ -611,6 +615,15 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         }
         if (s.reader_running)
                 pthread_join(s.reader, NULL);
+        /* Once AUTHORITY may have reached the destination, only its ERROR ahead of any
+         * acknowledgement proves it did not take over; without that proof the devices count as
+         * handed over (a lost acknowledgement must not let two sides run the same devices). */
+        if (r < 0 && s.authority_sent && !s.stats.authority_transferred && !s.refused) {
+                char why[MIGRATE_MAX_MESSAGE + 1];
+                snprintf(why, sizeof(why), "%s", error_message());
+                s.stats.authority_transferred = true;
+                error_set(r, "%s (after AUTHORITY was sent: the destination may have taken over)", why);
+        }
         if (ret_stats)
                 *ret_stats = s.stats;
         for (size_t i = 0; i < cfg->count; i++) {

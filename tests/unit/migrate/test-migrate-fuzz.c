@@ -184,6 +184,7 @@ struct fake_destination {
         int fd;
         uint64_t seed;
         unsigned frames;
+        unsigned kind;
 };
 
 static void *fake_destination(void *arg) {
@@ -203,7 +204,7 @@ static void *fake_destination(void *arg) {
         }
         send_frame(f->fd, MIGRATE_DEVICES_ACK, 0, MIGRATE_CONNECTION, NULL, 0);
         f->frames += 2;
-        unsigned kind = (unsigned)test_rng_below(&rng, 6);
+        unsigned kind = f->kind = (unsigned)test_rng_below(&rng, 6);
         uint32_t n;
         switch (kind) {
         case 0: /* NEED_AT beyond the device */
@@ -242,7 +243,7 @@ static void *fake_destination(void *arg) {
 
 static void test_hostile_destination(void **state) {
         struct test_rng rng = {test_seed("test-migrate-fuzz") + 1};
-        unsigned frames = 0, runs = 0;
+        unsigned frames = 0, runs = 0, in_doubt = 0;
         struct block_device *dev;
         assert_ok(memory_device_open("disk", DEV_SIZE, BS, &dev));
         uint8_t *before = malloc(DEV_SIZE), *after = malloc(DEV_SIZE);
@@ -251,7 +252,7 @@ static void test_hostile_destination(void **state) {
         while (frames < 2500) {
                 int sv[2];
                 assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-                struct fake_destination f = {sv[1], test_rng_next(&rng), 0};
+                struct fake_destination f = {sv[1], test_rng_next(&rng), 0, 0};
                 pthread_t t;
                 assert_int_equal(pthread_create(&t, NULL, fake_destination, &f), 0);
                 /* Slow cycles, so the bad frame arrives while the source is still working. */
@@ -264,7 +265,14 @@ static void test_hostile_destination(void **state) {
                 close(sv[1]);
                 if (r >= 0)
                         fail_msg("run %u: the source completed against a hostile destination", runs);
-                assert_false(st.authority_transferred);
+                /* The source keeps its devices, unless it had already sent AUTHORITY when the bad
+                 * frame came: only an ERROR from the destination proves it did not take over. */
+                if (st.authority_transferred) {
+                        if (f.kind == 5 || !strstr(error_message(), "the destination may have taken over"))
+                                fail_msg("run %u: authority given up against a destination that refused (%s)", runs,
+                                         error_message());
+                        in_doubt++;
+                }
                 if (strncmp(error_message(), "destination: ", 13) != 0 && strncmp(error_message(), "migration: ", 11) != 0)
                         fail_msg("run %u: unclear error \"%s\"", runs, error_message());
                 assert_null(strchr(error_message(), '\n'));
@@ -273,7 +281,8 @@ static void test_hostile_destination(void **state) {
         }
         assert_ok(block_device_read_at(dev, after, DEV_SIZE, 0));
         assert_memory_equal(before, after, DEV_SIZE);
-        fprintf(stderr, "  source: %u frames over %u runs, every run stopped with a clear error\n", frames, runs);
+        fprintf(stderr, "  source: %u frames over %u runs, every run stopped with a clear error (%u after AUTHORITY)\n",
+                frames, runs, in_doubt);
         block_device_close(dev);
         free(before);
         free(after);
