@@ -31,7 +31,7 @@ for run in $(seq "${CUT_FIRST:-1}" "$RUNS"); do
         cut=$(python3 -c "import random; print(random.Random($run).randrange(0, 4500000))")
         run_mounter a "" "unix:$WORK/a.sock" a; A=$PID
         for _ in $(seq 1 200); do [[ -S "$WORK/a.sock" ]] && break; sleep 0.02; done
-        python3 "$(dirname "$0")/cut-proxy.py" "$WORK/p.sock" "$WORK/a.sock" "$cut" &
+        python3 "$(dirname "$0")/link-proxy.py" "$WORK/p.sock" "$WORK/a.sock" "cut:$cut" &
         PROXY=$!
         for _ in $(seq 1 200); do [[ -S "$WORK/p.sock" ]] && break; sleep 0.02; done
         run_mounter b "unix:$WORK/p.sock" "" b; B=$PID

@@ -60,7 +60,7 @@ run_case() { # phase victim
         wait_log a "Serving 1 devices"
         python3 "$HERE/journal.py" write "$WORK/a/mnt/disk" "$WORK/journal" "$WORK/stop" 7 >"$WORK/writer.log" 2>&1 &
         WRITER=$!
-        python3 "$HERE/hold-proxy.py" "$WORK/p.sock" "$WORK/a.sock" "$phase" "$WORK/held" &
+        python3 "$HERE/link-proxy.py" "$WORK/p.sock" "$WORK/a.sock" "$phase" "$WORK/held" &
         PROXY=$!
         for _ in $(seq 1 200); do [[ -S "$WORK/p.sock" ]] && break; sleep 0.02; done
         start B b "unix:$WORK/p.sock" "" b

@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""hold-proxy.py LISTEN TARGET PHASE MARKER — forward one unix-socket connection from a
-destination (the client) to a source (TARGET), reading the source's frames (docs/protocol.md).
-At PHASE the link stalls: nothing more goes from the source to the destination (the destination's
+"""link-proxy.py LISTEN TARGET MODE [MARKER] — forward one unix-socket connection from a
+destination (the client) to a source (TARGET), reading the source's frames (docs/protocol.md),
+and break the link:
+
+  cut:BYTES  after BYTES bytes from the source, close both directions at once.
+  PHASE      at PHASE the link stalls: nothing more goes from the source to the destination (the destination's
 frames still go through, so it can acknowledge what it has), and MARKER is created. PHASE is
 "bulk:N" (after N block frames), "suspended" (after the SUSPENDED event) or "authority" (after the
 AUTHORITY event). From then on, as soon as either side goes away the proxy closes both ends, so
 the survivor sees its connection drop as it would when its peer's host dies."""
 import os, select, socket, struct, sys, threading
 
-listen_path, target_path, phase, marker = sys.argv[1:5]
+listen_path, target_path, phase = sys.argv[1:4]
+marker = sys.argv[4] if len(sys.argv) > 4 else None
+cut_after = int(phase[4:]) if phase.startswith("cut:") else None
 HEADER = 8
 BLOCK_TYPES = {4, 5, 6}           # BLOCK, BLOCK_ZERO, BLOCK_ZSTD
 EVENT = 10
@@ -39,12 +44,19 @@ def reached(ftype, payload, blocks):
 
 
 def from_source():
-    buf, blocks = b"", 0
+    buf, blocks, sent = b"", 0, 0
     try:
         while not done.is_set():
             data = upstream.recv(65536)
             if not data:
                 break
+            if cut_after is not None:
+                if sent + len(data) >= cut_after:
+                    client.sendall(data[:cut_after - sent])
+                    break
+                client.sendall(data)
+                sent += len(data)
+                continue
             buf += data
             while len(buf) >= HEADER:
                 length, ftype = struct.unpack_from("<IB", buf)
