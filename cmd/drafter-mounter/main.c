@@ -52,6 +52,7 @@ struct mounter {
         struct migrate_destination *dest;
         const char *mount_dir;
         unsigned concurrency;
+        bool disable_postcopy;
         /* Files this destination created: a failed migration removes them (partial copies). */
         char *created[3 * MIGRATE_MAX_DEVICES];
         size_t created_count;
@@ -139,7 +140,7 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         if ((r = transport_connect(raddr, 60000, &fd)) < 0)
                 return r;
         uint64_t start = clock_now_ns();
-        struct migrate_destination_config dcfg = {open_local, NULL, m, false, 0};
+        struct migrate_destination_config dcfg = {open_local, NULL, m, m->disable_postcopy, 0};
         if ((r = migrate_destination_start(fd, &dcfg, &m->dest)) < 0)
                 return r;
         size_t n = migrate_destination_device_count(m->dest);
@@ -177,8 +178,8 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
                         log_debug("signalfd: %s", strerror(errno));
                 return error_set(r, "migration failed after taking authority: %s", why);
         }
-        log_info("Received %zu devices in %.1f ms (%" PRIu64 " blocks, %.1f MB)", n, (clock_now_ns() - start) / 1e6,
-                 st.blocks_sent, st.bytes_received / 1e6);
+        log_info("Received %zu devices in %.1f ms (%" PRIu64 " blocks, %.1f MB, %" PRIu64 " after taking over)", n,
+                 (clock_now_ns() - start) / 1e6, st.blocks_sent, st.bytes_received / 1e6, st.postcopy_blocks);
         log_info("Completed all device migrations");
         return 0;
 }
@@ -276,13 +277,15 @@ int main(int argc, char **argv) {
         const char *devices_json = default_devices, *raddr = "localhost:1337", *laddr = "localhost:1337";
         const char *mount_dir = "out/mnt";
         int64_t concurrency = 1024;
-        bool verbose = false;
+        bool verbose = false, disable_postcopy = false;
         struct flag flags[] = {
                 {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
                 {"raddr", FLAG_STRING, &raddr, "Remote address to connect to (leave empty to disable)"},
                 {"laddr", FLAG_STRING, &laddr, "Local address to listen on (leave empty to disable)"},
                 {"concurrency", FLAG_INT, &concurrency, "Number of concurrent workers to use in migrations"},
                 {"mount-dir", FLAG_STRING, &mount_dir, "Directory in which the devices are served as files"},
+                {"disable-postcopy-migration", FLAG_BOOL, &disable_postcopy,
+                 "Whether to disable post-copy migration (take over only once every block is local)"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
         };
         int r = flags_parse_command("drafter-mounter", flags, ELEMENTSOF(flags), argc, argv, &verbose);
@@ -305,7 +308,9 @@ int main(int argc, char **argv) {
         signal(SIGPIPE, SIG_IGN);
         int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
 
-        struct mounter m = {.mount_dir = mount_dir, .concurrency = (unsigned)MIN(concurrency, (int64_t)UINT_MAX)};
+        struct mounter m = {.mount_dir = mount_dir,
+                            .concurrency = (unsigned)MIN(concurrency, (int64_t)UINT_MAX),
+                            .disable_postcopy = disable_postcopy};
         int status = 1;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &m.list) < 0) {
                 log_error("%s", error_message());

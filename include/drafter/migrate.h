@@ -44,6 +44,7 @@ struct migrate_source_config {
 struct migrate_stats {
         uint64_t blocks_sent, zero_blocks, compressed_blocks, bytes_sent, bytes_received;
         uint64_t need_at_served, cycles, final_dirty_blocks;
+        uint64_t postcopy_blocks; /* destination: blocks that arrived after it took authority */
         uint64_t bulk_ns, cycles_ns, suspend_ns, authority_ns, total_ns;
         /* The destination acknowledged authority, or may have: AUTHORITY was sent and no ERROR
          * from the destination came ahead of an acknowledgement. */

@@ -85,6 +85,8 @@ static unsigned supply_flags(struct destination *d) {
 static int handle(struct destination *d, const struct migrate_frame *f, const struct migrate_message *m) {
         struct block_device *dev = m->type >= MIGRATE_BLOCK && m->type <= MIGRATE_DIRTY ? d->devs[m->device] : NULL;
         int r = 0;
+        if (d->authority && m->type >= MIGRATE_BLOCK && m->type <= MIGRATE_BLOCK_ZSTD)
+                d->stats.postcopy_blocks += m->type == MIGRATE_BLOCK_ZERO ? m->range.count : 1;
         switch (m->type) {
         case MIGRATE_BLOCK:
                 r = waiting_cache_supply(dev, m->block.block, m->block.data, supply_flags(d));
