@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""journal.py — acknowledged writes and the check that none was lost.
+"""journal.py — writers for the migration tests, and the check that no acknowledged write was lost.
+
+  journal.py mirror SEED STOP SECONDS PAUSE_MS FILE:EXPECT...
+      Random writes (1 B to 70 kB) to randomly chosen FILEs, each mirrored into its EXPECT file
+      once write() returned, until STOP exists, SECONDS pass (0: no limit) or a write fails
+      (the source refusing writes after the hand-over). PAUSE_MS between writes.
 
   journal.py write FILE JOURNAL STOP SEED
       Random writes (100 B to 70 kB) to FILE until STOP exists or a write fails. Each write is
@@ -39,6 +44,29 @@ def write(path, journal, stop, seed):
             j.write("A\n")
             n += 1
     print(f"writer: {n} acknowledged writes, stopped on request")
+
+
+def mirror(seed, stop, seconds, pause_ms, pairs):
+    import time
+    r = random.Random(int(seed))
+    fds = [(os.open(f, os.O_WRONLY), os.open(e, os.O_WRONLY)) for f, e in (p.split(":") for p in pairs)]
+    end = time.monotonic() + float(seconds) if float(seconds) > 0 else None
+    n = 0
+    while not os.path.exists(stop) and (end is None or time.monotonic() < end):
+        fd, ex = r.choice(fds)
+        size = os.fstat(ex).st_size
+        off = r.randrange(0, size - 1)
+        data = r.randbytes(min(r.choice([1, 100, 4096, 70000]), size - off))
+        try:
+            w = os.pwrite(fd, data, off)
+        except OSError as e:
+            print(f"writer: stopped by {e.strerror} after {n} writes")
+            return
+        os.pwrite(ex, data[:w], off)
+        n += 1
+        if float(pause_ms) > 0:
+            time.sleep(float(pause_ms) / 1000)
+    print(f"writer: {n} writes")
 
 
 def check(path, base, journal, missing_ok):
@@ -86,6 +114,8 @@ def check(path, base, journal, missing_ok):
 if __name__ == "__main__":
     if sys.argv[1] == "write":
         write(*sys.argv[2:6])
+    elif sys.argv[1] == "mirror":
+        mirror(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
     else:
         mo = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[5] == "--missing-ok" else 0
         check(sys.argv[2], sys.argv[3], sys.argv[4], mo)

@@ -41,27 +41,7 @@ wait_for_files() { # dir
 # The writer applies seeded random writes to a device file and mirrors every write that returned
 # success into the expected image; it stops at the first refused write (the device moved away).
 writer() { # file expect seconds seed
-        python3 - "$@" <<'PY'
-import os, random, sys, time
-path, expect, secs, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-r = random.Random(seed)
-fd = os.open(path, os.O_WRONLY)
-ex = os.open(expect, os.O_WRONLY)
-size = os.fstat(os.open(expect, os.O_RDONLY)).st_size
-end = time.time() + secs
-n = 0
-while time.time() < end:
-    off = r.randrange(0, size - 1)
-    data = r.randbytes(min(r.choice([1, 100, 4096, 70000]), size - off))
-    try:
-        w = os.pwrite(fd, data, off)
-    except OSError as e:
-        print(f"writer: stopped by {e.strerror} after {n} writes")
-        break
-    os.pwrite(ex, data[:w], off)
-    n += 1
-print(f"writer: {n} writes")
-PY
+        python3 "$(dirname "$0")/journal.py" mirror "$4" "$WORK/no-stop" "$3" 0 "$1:$2"
 }
 
 start_mounter A a "" "unix:$WORK/a.sock"

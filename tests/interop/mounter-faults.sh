@@ -32,26 +32,8 @@ wait_for_log() { # log pattern
 
 start_mounter A a "" "unix:$WORK/a.sock" a
 wait_for_files "$WORK/a/mnt"
-python3 - "$WORK/a/mnt/disk" "$WORK/expect-disk" "$WORK/writer.stop" >"$WORK/writer.log" 2>&1 <<'PY' &
-import os, random, sys, time
-path, expect, stop = sys.argv[1:4]
-r = random.Random(5)
-fd, ex = os.open(path, os.O_WRONLY), os.open(expect, os.O_WRONLY)
-size = os.fstat(fd).st_size
-n = 0
-while not os.path.exists(stop):
-    off = r.randrange(0, size - 1)
-    data = r.randbytes(min(r.choice([100, 4096, 70000]), size - off))
-    try:
-        w = os.pwrite(fd, data, off)
-    except OSError as e:
-        print(f"writer: stopped by {e.strerror} after {n} writes")
-        sys.exit(0)
-    os.pwrite(ex, data[:w], off)
-    n += 1
-    time.sleep(0.001)
-print(f"writer: {n} writes, stopped on request")
-PY
+python3 "$(dirname "$0")/journal.py" mirror 5 "$WORK/writer.stop" 0 1 "$WORK/a/mnt/disk:$WORK/expect-disk" \
+        >"$WORK/writer.log" 2>&1 &
 WRITER=$!
 
 # 1. The destination dies in the middle of pre-copy.

@@ -44,26 +44,9 @@ run_mode() { # label dest-flag maxDirty minCycles maxCycles throttle
         for _ in $(seq 1 200); do grep -q "Serving on" "$WORK/a.log" && break; sleep 0.05; done
         # The writer: every device, until the source refuses (EROFS after the hand-over, or the
         # connection abort of its exit).
-        python3 - "$WORK/a/mnt" "$WORK/expect" "$WORK/stop" "${NAMES[@]}" >"$WORK/writer.log" 2>&1 <<'PY' &
-import os, random, sys
-mnt, expect, stop, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-r = random.Random(9)
-fds = [(os.open(f"{mnt}/{n}", os.O_WRONLY), os.open(f"{expect}/{n}", os.O_WRONLY)) for n in names]
-n = 0
-while not os.path.exists(stop):
-    fd, ex = r.choice(fds)
-    size = os.fstat(fd).st_size
-    off = r.randrange(0, size - 1)
-    data = r.randbytes(min(r.choice([1, 100, 4096, 20000]), size - off))
-    try:
-        w = os.pwrite(fd, data, off)
-    except OSError as e:
-        print(f"writer: stopped by {e.strerror} after {n} writes")
-        sys.exit(0)
-    os.pwrite(ex, data[:w], off)
-    n += 1
-print(f"writer: {n} writes")
-PY
+        local pairs=()
+        for n in "${NAMES[@]}"; do pairs+=("$WORK/a/mnt/$n:$WORK/expect/$n"); done
+        python3 "$(dirname "$0")/journal.py" mirror 9 "$WORK/stop" 0 0 "${pairs[@]}" >"$WORK/writer.log" 2>&1 &
         local W=$!
         sleep 0.3
         "$DRAFTER_MOUNTER" --devices "$(devices b "$@")" --raddr "127.0.0.1:$port" --laddr '' $flag \
