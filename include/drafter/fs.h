@@ -2,6 +2,7 @@
 #pragma once
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Create the directories leading to `path` (not `path` itself), like mkdir -p "$(dirname path)". */
 int fs_mkdir_parents(const char *path);
@@ -12,3 +13,7 @@ int fs_write_file_atomic(const char *path, const void *data, size_t len);
 
 /* fsync the directory containing `path` so a rename or create in it is durable. */
 int fs_fsync_parent(const char *path);
+
+/* Copy `from` to `to` (created or truncated), keeping holes, at least `min_size` bytes long
+ * (zero-extended), fsynced. */
+int fs_copy_file(const char *from, const char *to, uint64_t min_size);

@@ -72,3 +72,46 @@ int fs_write_file_atomic(const char *path, const void *data, size_t len) {
         }
         return fs_fsync_parent(path);
 }
+
+int fs_copy_file(const char *from, const char *to, uint64_t min_size) {
+        _cleanup_close_ int in = open(from, O_RDONLY | O_CLOEXEC);
+        if (in < 0)
+                return error_set_errno(-errno, "%s: cannot open", from);
+        struct stat st;
+        if (fstat(in, &st) < 0)
+                return error_set_errno(-errno, "%s: stat", from);
+        _cleanup_close_ int out = open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (out < 0)
+                return error_set_errno(-errno, "%s: cannot create", to);
+        uint64_t size = (uint64_t)st.st_size;
+        if (ftruncate(out, (off_t)MAX(size, min_size)) < 0)
+                return error_set_errno(-errno, "%s: cannot size", to);
+        /* Data extents only: holes stay holes. */
+        off_t off = 0;
+        while ((uint64_t)off < size) {
+                off_t data = lseek(in, off, SEEK_DATA);
+                if (data < 0 && errno == ENXIO)
+                        break;
+                if (data < 0)
+                        data = off; /* no SEEK_DATA: copy everything */
+                off_t hole = lseek(in, data, SEEK_HOLE);
+                if (hole < 0)
+                        hole = (off_t)size;
+                off_t pos = data;
+                while (pos < hole) {
+                        loff_t src = pos, dst = pos;
+                        ssize_t n = copy_file_range(in, &src, out, &dst, (size_t)(hole - pos), 0);
+                        if (n < 0 && errno == EINTR)
+                                continue;
+                        if (n < 0)
+                                return error_set_errno(-errno, "copying %s to %s", from, to);
+                        if (n == 0)
+                                return error_set(-EIO, "copying %s to %s: %s shrank while copying", from, to, from);
+                        pos += n;
+                }
+                off = hole;
+        }
+        if (fsync(out) < 0)
+                return error_set_errno(-errno, "%s: fsync", to);
+        return 0;
+}

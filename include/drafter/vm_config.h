@@ -1,0 +1,30 @@
+/* vm_config.h — config.json of a package: which VMM and machine shape made the snapshot, so a
+ * resume starts the same machine (a different one cannot load the state), and how to reach the
+ * guest. Written by drafter-snapshotter, read by drafter-peer. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define VM_CONFIG_VERSION 1
+
+struct vm_config {
+        char backend[16];      /* "qemu" (or "firecracker") */
+        char accelerator[8];   /* "tcg" or "kvm": the state of one does not load in the other */
+        char machine[32];      /* "q35" */
+        char cpu_model[64];    /* "max", "host", a fixed model for portable snapshots */
+        int64_t cpu_count;
+        uint64_t memory_bytes; /* the size of the memory device */
+        uint64_t state_bytes;  /* the device state stream at the start of the state device */
+        char boot_args[1024];
+        int64_t liveness_port, agent_port; /* vsock ports (virtio-serial ports are named) */
+        char drives[8][64];    /* devices attached as disks, in guest order (vda, vdb, …) */
+        int drive_count;
+};
+
+/* To JSON (malloc'd, ends with a newline). */
+char *vm_config_format(const struct vm_config *c);
+/* From JSON: every field checked; -EINVAL with a message naming the field otherwise. `what` names
+ * the file in messages. */
+int vm_config_parse(const char *json, size_t len, const char *what, struct vm_config *ret_config);
