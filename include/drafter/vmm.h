@@ -3,9 +3,18 @@
  * The QEMU backend (lib/vmm/qemu.c) speaks QMP over a unix socket. Guest RAM is a shared file
  * mapping (memory-backend-file, share=on) of `memory_path`, so a snapshot is only the device
  * state (migration with x-ignore-shared to a file: a few hundred KB) and the memory file itself.
- * KVM is used when /dev/kvm can be opened, else TCG with thread=single. Guest links are named
- * virtio-serial ports whose host ends are unix sockets in the runtime directory (QEMU listens).
- * All calls are blocking and not thread-safe for one VM; errors carry messages (error.h). */
+ * KVM is used when /dev/kvm can be opened and QEMU runs under it, else TCG with thread=single.
+ * Guest links are named virtio-serial ports whose host ends are unix sockets in the runtime
+ * directory (QEMU listens).
+ * All calls are blocking and not thread-safe for one VM; errors carry messages (error.h).
+ *
+ * The runtime directory holds qmp.sock, <port>.sock per port, qemu.log (QEMU's stderr, and its
+ * stdout unless enable_output) and console.log; its paths must fit a unix socket address
+ * (107 bytes). QEMU runs in its own process group, with its stdin from /dev/null unless
+ * enable_input, and is killed (PR_SET_PDEATHSIG) when the *thread* that called vmm_start()
+ * exits: start VMs from a thread that outlives them.
+ *
+ * Needs QEMU >= 9.1 (file migration channels, migrate-incoming exit-on-error). */
 #pragma once
 
 #include <stdbool.h>
@@ -25,19 +34,28 @@ struct vmm_drive {
 struct vmm_config {
         const char *qemu_bin;    /* NULL: "qemu-system-x86_64" */
         const char *runtime_dir; /* exists; QMP and port sockets, the console log go here */
-        const char *kernel;      /* bzImage */
-        const char *initrd;      /* NULL: none */
-        const char *boot_args;
-        const char *memory_path; /* guest RAM: created or resized to memory_bytes if needed */
+        const char *kernel;      /* bzImage; NULL: none (the firmware finds nothing to boot) */
+        const char *initrd;      /* NULL: none; needs a kernel */
+        const char *boot_args;   /* NULL: none; needs a kernel */
+        /* Guest RAM. Booting: created if missing, extended (with zeros) if shorter than
+         * memory_bytes, refused if longer (it would be some other VM's memory). Incoming: must
+         * exist with exactly memory_bytes (the snapshot's RAM), nothing is created or resized. */
+        const char *memory_path;
         uint64_t memory_bytes;   /* multiple of 2 MiB */
         int cpus;                /* >= 1 */
         const char *cpu_model;   /* NULL: "max" under TCG, "host" under KVM */
-        struct vmm_drive drives[VMM_MAX_DRIVES];
+        /* "kvm", "tcg", or NULL: KVM if /dev/kvm opens read-write and QEMU starts under it (some
+         * hosts' KVM cannot run -cpu host: QEMU exits, and TCG is used instead), else TCG. A
+         * restore must use the accelerator and CPU model its snapshot was made with. */
+        const char *accelerator;
+        struct vmm_drive drives[VMM_MAX_DRIVES]; /* names unique; at most 31 characters */
         size_t drive_count;
-        const char *ports[VMM_MAX_PORTS]; /* virtio-serial port names, e.g. "drafter.agent" */
+        /* virtio-serial port names, e.g. "drafter.agent": unique, no '/', not "qmp" */
+        const char *ports[VMM_MAX_PORTS];
         size_t port_count;
         /* Guest serial console: to our stdout when enable_output, from our stdin when
-         * enable_input; otherwise to <runtime_dir>/console.log. */
+         * enable_input too; otherwise to <runtime_dir>/console.log (enable_input alone is
+         * ignored: the console has one backend). */
         bool enable_output, enable_input;
         const char *console_log; /* NULL: <runtime_dir>/console.log; only without enable_output */
 };
@@ -49,20 +67,32 @@ struct vmm;
 int vmm_start(const struct vmm_config *cfg, bool incoming, struct vmm **ret_vmm);
 int vmm_pause(struct vmm *vm);
 int vmm_resume(struct vmm *vm);
-/* Paused VM: write its device state to state_path (created/truncated; guest RAM stays in the
- * memory file, which is synced). Returns when QEMU reports the migration completed. */
+/* Paused VM: write its device state to state_path (replaced atomically: QEMU writes a temporary
+ * file beside it, which is fsynced and renamed; guest RAM stays in the memory file, which is
+ * fsynced too). Returns when QEMU reports the migration completed. The VM stays paused
+ * (QEMU says "postmigrate") and vmm_resume() continues it. -EBUSY if it is running, -EALREADY
+ * if it has not run since its last snapshot (QEMU cannot migrate it again; that one is valid). */
 int vmm_snapshot(struct vmm *vm, const char *state_path);
-/* VM started with `incoming`: load the device state from state_path; the VM stays paused. */
+/* VM started with `incoming`: load the device state from state_path (which must exist and be
+ * non-empty) against the memory file; the VM stays paused until vmm_resume(). A failed load
+ * leaves the QEMU process waiting: vmm_stop()/vmm_free() it. */
 int vmm_restore(struct vmm *vm, const char *state_path);
-/* "quit" over QMP, then SIGTERM, then SIGKILL; reaps the process. Idempotent. */
+/* "quit" over QMP (up to 3 s), then SIGTERM (2 s), then SIGKILL; reaps the process and removes
+ * its sockets. Idempotent; returns 0 and keeps the current error message, so error paths can
+ * call it. */
 int vmm_stop(struct vmm *vm);
 /* Stops it if running; frees. NULL is fine. */
 void vmm_free(struct vmm *vm);
 
+/* QEMU's run state as query-status names it: "running", "paused", "inmigrate", "postmigrate",
+ * "shutdown", … *ret_status stays valid until the next call for this VM. */
+int vmm_status(struct vmm *vm, const char **ret_status);
+
+/* The QEMU process id (still returned after it has been reaped, for messages). */
 pid_t vmm_pid(const struct vmm *vm);
 /* Host end of virtio-serial port `name` (a unix socket path), or NULL. */
 const char *vmm_port_path(const struct vmm *vm, const char *name);
-/* "kvm" or "tcg". */
+/* The accelerator QEMU runs under: "kvm" or "tcg" (record it with a snapshot). */
 const char *vmm_accelerator(const struct vmm *vm);
 /* True while the QEMU process is alive (reaps it if it exited). */
 bool vmm_running(struct vmm *vm);

@@ -1,0 +1,126 @@
+/* drafter-peer — run a package: resume its VM from the devices (base, or base + overlay + state)
+ * and keep it running until SIGINT/SIGTERM, which suspends the VM back into its devices. */
+#include "drafter/clock.h"
+#include "drafter/device_config.h"
+#include "drafter/error.h"
+#include "drafter/flags.h"
+#include "drafter/instance.h"
+#include "drafter/log.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#define DEVICE_FIELDS(name, file)                                                                                   \
+        "{\"name\":\"" name "\",\"base\":\"out/package/" file "\",\"overlay\":\"out/overlay/" file                   \
+        "\",\"state\":\"out/state/" file "\",\"blockSize\":65536,\"expiry\":1000000000,\"maxDirtyBlocks\":200,"      \
+        "\"minCycles\":5,\"maxCycles\":20,\"cycleThrottle\":500000000,\"makeMigratable\":true,\"shared\":false}"
+static const char default_devices[] = "[" DEVICE_FIELDS("state", "state.bin") ", " DEVICE_FIELDS(
+        "memory", "memory.bin") ", " DEVICE_FIELDS("kernel", "vmlinux") ", " DEVICE_FIELDS("disk", "rootfs.ext4") ", " DEVICE_FIELDS("config", "config.json") ", " DEVICE_FIELDS("oci", "oci.ext4") "]";
+
+int main(int argc, char **argv) {
+        const char *devices_json = default_devices, *chroot_base = "out/vms", *raddr = "", *laddr = "";
+        const char *firecracker_bin = "firecracker", *qemu_bin = "qemu-system-x86_64", *vmm = "qemu", *netns = "";
+        int64_t cgroup_version = 2, concurrency = 1024;
+        int64_t resume_timeout = 60 * NSEC_PER_SEC, agent_timeout = 10 * NSEC_PER_SEC;
+        bool enable_input = false, enable_output = true, verbose = false, disable_postcopy = false;
+        struct flag flags[] = {
+                {"agent-timeout", FLAG_DURATION, &agent_timeout, "Time to wait for each try of an agent call"},
+                {"cgroup-version", FLAG_INT, &cgroup_version, "Cgroup version to use for Jailer"},
+                {"chroot-base-dir", FLAG_STRING, &chroot_base, "chroot base directory"},
+                {"concurrency", FLAG_INT, &concurrency, "Number of concurrent workers to use in migrations"},
+                {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
+                {"disable-postcopy-migration", FLAG_BOOL, &disable_postcopy,
+                 "Whether to disable post-copy migration"},
+                {"enable-input", FLAG_BOOL, &enable_input, "Whether to enable VM stdin"},
+                {"enable-output", FLAG_BOOL, &enable_output, "Whether to enable VM stdout and stderr"},
+                {"firecracker-bin", FLAG_STRING, &firecracker_bin, "Firecracker binary"},
+                {"laddr", FLAG_STRING, &laddr, "Local address to listen on (leave empty to disable)"},
+                {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in (networking: not yet)"},
+                {"qemu-bin", FLAG_STRING, &qemu_bin, "QEMU binary"},
+                {"raddr", FLAG_STRING, &raddr, "Remote address to connect to (leave empty to disable)"},
+                {"resume-timeout", FLAG_DURATION, &resume_timeout, "Maximum time to wait for the VM to resume"},
+                {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
+                {"vmm", FLAG_STRING, &vmm, "Virtual machine monitor: qemu or firecracker"},
+        };
+        int r = flags_parse("drafter-peer", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, stderr, NULL);
+        if (r == FLAGS_HELP)
+                return 0;
+        if (r < 0)
+                return 2;
+        log_setup_from_env();
+        if (verbose)
+                log_set_level(LOG_DEBUG);
+        if (strcmp(vmm, "qemu") != 0) {
+                log_error("--vmm %s: only qemu is available in this build (firecracker needs /dev/kvm and its binary)",
+                          vmm);
+                return 2;
+        }
+        if (*raddr || *laddr) {
+                log_error("--raddr/--laddr: live migration of VMs is not implemented yet; start locally with "
+                          "--raddr '' --laddr ''");
+                return 2;
+        }
+        if (*netns) {
+                log_error("--netns %s: networking is not implemented yet; leave it empty", netns);
+                return 2;
+        }
+        struct device_list devices;
+        if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &devices) < 0) {
+                log_error("%s", error_message());
+                return 1;
+        }
+        /* Signals arrive on a descriptor; QEMU runs in its own process group, so a terminal's
+         * Ctrl-C reaches us and we suspend the VM properly. */
+        sigset_t stop;
+        sigemptyset(&stop);
+        sigaddset(&stop, SIGINT);
+        sigaddset(&stop, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &stop, NULL);
+        signal(SIGPIPE, SIG_IGN);
+        int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
+
+        struct instance_options o = {.qemu_bin = qemu_bin,
+                                     .runtime_base = chroot_base,
+                                     .enable_output = enable_output,
+                                     .enable_input = enable_input,
+                                     .agent_timeout_ns = (uint64_t)agent_timeout,
+                                     .resume_timeout_ns = (uint64_t)resume_timeout};
+        struct instance *inst;
+        int status = 1;
+        if ((r = instance_resume(&devices, &o, &inst)) < 0) {
+                log_error("%s", error_message());
+                goto out;
+        }
+        log_info("Resumed VM in %.1f ms", instance_resume_ms(inst));
+        for (;;) {
+                struct pollfd p = {.fd = sigfd, .events = POLLIN};
+                int n = poll(&p, 1, 200);
+                if (n > 0) {
+                        struct signalfd_siginfo si;
+                        if (read(sigfd, &si, sizeof(si)) < 0)
+                                log_debug("signalfd: %s", strerror(errno));
+                        log_info("Suspending the VM");
+                        status = 0;
+                        if (instance_suspend(inst) < 0) {
+                                log_error("%s", error_message());
+                                status = 1;
+                        }
+                        break;
+                }
+                if (!instance_running(inst)) {
+                        log_error("the VM stopped on its own");
+                        break;
+                }
+        }
+        log_info("Shutting down");
+        instance_free(inst);
+out:
+        device_list_free(&devices);
+        close(sigfd);
+        return status;
+}

@@ -1,0 +1,896 @@
+/* qemu.c — the QEMU backend of vmm.h: one qemu-system-x86_64 process driven over QMP.
+ *
+ * Snapshots the Firecracker way (DESIGN.md §2): guest RAM is a memory-backend-file with
+ * share=on, so with the migration capability x-ignore-shared a migration to a file carries only
+ * the device state; the RAM is the memory file itself. Restore starts QEMU with `-incoming defer
+ * -S` and loads that state with migrate-incoming. Both use file migration channels (QEMU >= 9),
+ * which take the path as a JSON string: no URI parsing, any file name works. */
+#include "drafter/vmm.h"
+#include "drafter/cleanup.h"
+#include "drafter/clock.h"
+#include "drafter/error.h"
+#include "drafter/fs.h"
+#include "drafter/log.h"
+#include "qmp.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define VMM_DEFAULT_QEMU         "qemu-system-x86_64"
+#define VMM_MEMORY_ALIGN         (2ULL << 20)
+#define VMM_NODE_NAME_MAX        31 /* QEMU's limit for node names and ids */
+#define VMM_START_TIMEOUT_NS     (10 * NSEC_PER_SEC)
+#define VMM_MIGRATION_TIMEOUT_NS (120 * NSEC_PER_SEC)
+#define VMM_MIGRATION_POLL_NS    NSEC_PER_MSEC
+#define VMM_QUIT_TIMEOUT_NS      (3 * NSEC_PER_SEC)
+#define VMM_TERM_TIMEOUT_NS      (2 * NSEC_PER_SEC)
+#define VMM_EXIT_POLL_NS         (2 * NSEC_PER_MSEC)
+#define VMM_LOG_TAIL_MAX         480
+
+struct vmm_port {
+        char *name;
+        char *path;
+};
+
+struct vmm {
+        pid_t pid;
+        bool reaped;
+        int wait_status; /* once reaped */
+        struct qmp *qmp;
+        bool incoming; /* started with -incoming, not restored yet */
+        const char *accelerator;
+        char *runtime_dir;
+        char *qmp_path;
+        char *log_path;
+        char *memory_path;
+        struct vmm_port ports[VMM_MAX_PORTS];
+        size_t port_count;
+        char status[32];
+};
+
+/* ---- small helpers ---- */
+
+static char *strdup_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *strdup_printf(const char *fmt, ...) {
+        va_list ap;
+        char *s;
+        va_start(ap, fmt);
+        int n = vasprintf(&s, fmt, ap);
+        va_end(ap);
+        return n < 0 ? NULL : s;
+}
+
+/* QEMU option values (-object, -chardev, -blockdev key=value lists) escape ',' as ",,". */
+static char *qemu_opt_escape(const char *s) {
+        size_t commas = 0;
+        for (const char *p = s; *p; p++)
+                commas += *p == ',';
+        char *out = malloc(strlen(s) + commas + 1), *o = out;
+        if (!out)
+                return NULL;
+        for (const char *p = s; *p; p++) {
+                *o++ = *p;
+                if (*p == ',')
+                        *o++ = ',';
+        }
+        *o = '\0';
+        return out;
+}
+
+struct argv_builder {
+        char **argv;
+        size_t count, cap;
+        bool oom;
+};
+
+static void argv_add(struct argv_builder *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void argv_add(struct argv_builder *a, const char *fmt, ...) {
+        if (a->oom)
+                return;
+        if (a->count + 2 > a->cap) {
+                size_t cap = a->cap ? a->cap * 2 : 64;
+                char **argv = realloc(a->argv, cap * sizeof(*argv));
+                if (!argv) {
+                        a->oom = true;
+                        return;
+                }
+                a->argv = argv, a->cap = cap;
+        }
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vasprintf(&a->argv[a->count], fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+                a->oom = true;
+                return;
+        }
+        a->argv[++a->count] = NULL;
+}
+
+static void argv_builder_done(struct argv_builder *a) {
+        for (size_t i = 0; i < a->count; i++)
+                free(a->argv[i]);
+        free(a->argv);
+}
+
+static void describe_wait_status(int status, char *buf, size_t size) {
+        if (WIFEXITED(status))
+                snprintf(buf, size, "exit status %d", WEXITSTATUS(status));
+        else if (WIFSIGNALED(status))
+                snprintf(buf, size, "killed by signal %d (%s)", WTERMSIG(status),
+                         strsignal(WTERMSIG(status)));
+        else
+                snprintf(buf, size, "wait status 0x%x", (unsigned)status);
+}
+
+/* The last lines QEMU wrote to its log from byte `from` on, newlines as "; ", for messages. */
+static void log_tail(const char *path, uint64_t from, char *buf, size_t size) {
+        buf[0] = '\0';
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd < 0 || fstat(fd, &st) < 0 || (uint64_t)st.st_size <= from)
+                return;
+        uint64_t len = MIN((uint64_t)st.st_size - from, (uint64_t)VMM_LOG_TAIL_MAX);
+        char raw[VMM_LOG_TAIL_MAX + 1];
+        ssize_t n = pread(fd, raw, len, (off_t)((uint64_t)st.st_size - len));
+        if (n <= 0)
+                return;
+        raw[n] = '\0';
+        char *start = raw;
+        if ((uint64_t)st.st_size - len > from) { /* cut mid-line: start at the next line */
+                char *nl = strchr(raw, '\n');
+                if (nl && nl[1])
+                        start = nl + 1;
+        }
+        size_t end = strlen(start);
+        while (end > 0 && (start[end - 1] == '\n' || start[end - 1] == '\r' || start[end - 1] == ' '))
+                start[--end] = '\0';
+        size_t o = 0;
+        for (char *p = start; *p && o + 3 < size; p++) {
+                if (*p == '\n') {
+                        buf[o++] = ';';
+                        buf[o++] = ' ';
+                } else if (*p != '\r') {
+                        buf[o++] = *p;
+                }
+        }
+        buf[o] = '\0';
+}
+
+static uint64_t file_size_or_zero(const char *path) {
+        struct stat st;
+        return stat(path, &st) < 0 ? 0 : (uint64_t)st.st_size;
+}
+
+/* ---- the process ---- */
+
+static void vmm_record_exit(struct vmm *vm, int status) {
+        vm->reaped = true;
+        vm->wait_status = status;
+        char how[96];
+        describe_wait_status(status, how, sizeof(how));
+        log_debug("qemu: process %d ended: %s", (int)vm->pid, how);
+}
+
+bool vmm_running(struct vmm *vm) {
+        if (!vm || vm->reaped || vm->pid <= 0)
+                return false;
+        int status;
+        pid_t r = waitpid(vm->pid, &status, WNOHANG);
+        if (r == 0)
+                return true;
+        if (r == vm->pid)
+                vmm_record_exit(vm, status);
+        else
+                vm->reaped = true; /* ECHILD: someone else reaped it */
+        return false;
+}
+
+/* Wait up to timeout_ns for QEMU to exit; true once it has been reaped. */
+static bool vmm_wait_exit(struct vmm *vm, uint64_t timeout_ns) {
+        uint64_t deadline = clock_now_ns() + timeout_ns;
+        while (vmm_running(vm)) {
+                if (clock_now_ns() >= deadline)
+                        return false;
+                clock_sleep_ns(VMM_EXIT_POLL_NS);
+        }
+        return true;
+}
+
+/* Set an error saying that QEMU has exited, how, and what it last wrote to its log. */
+static int vmm_exit_error(struct vmm *vm, int err, uint64_t log_from, const char *what) {
+        char how[96], tail[VMM_LOG_TAIL_MAX + 64];
+        describe_wait_status(vm->wait_status, how, sizeof(how));
+        log_tail(vm->log_path, log_from, tail, sizeof(tail));
+        return error_set(err, "%s: QEMU exited (%s)%s%s", what, how, *tail ? ": " : "", tail);
+}
+
+static int vmm_check_alive(void *userdata) {
+        struct vmm *vm = userdata;
+        if (vmm_running(vm))
+                return 0;
+        return vmm_exit_error(vm, -EIO, 0, "qemu: starting");
+}
+
+/* qmp_execute(), with the reason when the cause is that QEMU died. */
+static int vmm_qmp(struct vmm *vm, const char *command, json_t *args, json_t **ret_return) {
+        if (!vm->qmp)
+                return error_set(-ESRCH, "qemu: %s: the VM has been stopped", command);
+        int r = qmp_execute(vm->qmp, command, args, ret_return);
+        if ((r == -ECONNRESET || r == -ETIMEDOUT) && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC)) {
+                char what[128];
+                snprintf(what, sizeof(what), "qemu: %s", command);
+                return vmm_exit_error(vm, r, 0, what);
+        }
+        return r;
+}
+
+static int resolve_binary(const char *name, char **ret_path) {
+        if (strchr(name, '/')) {
+                if (access(name, X_OK) < 0)
+                        return error_set_errno(-errno, "qemu: %s", name);
+                *ret_path = strdup(name);
+                return *ret_path ? 0 : -ENOMEM;
+        }
+        const char *path_env = getenv("PATH");
+        _cleanup_free_ char *dirs = strdup(path_env && *path_env ? path_env : "/usr/local/bin:/usr/bin:/bin");
+        if (!dirs)
+                return -ENOMEM;
+        char *save = NULL;
+        for (char *dir = strtok_r(dirs, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
+                _cleanup_free_ char *candidate = strdup_printf("%s/%s", *dir ? dir : ".", name);
+                if (!candidate)
+                        return -ENOMEM;
+                if (access(candidate, X_OK) == 0) {
+                        *ret_path = TAKE_PTR(candidate);
+                        return 0;
+                }
+        }
+        return error_set(-ENOENT, "qemu: %s not found in PATH (install qemu-system-x86)", name);
+}
+
+static bool kvm_available(void) {
+        _cleanup_close_ int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        return fd >= 0;
+}
+
+/* ---- configuration checks ---- */
+
+static bool valid_node_name(const char *name) {
+        size_t len = name ? strlen(name) : 0;
+        if (len == 0 || len > VMM_NODE_NAME_MAX)
+                return false;
+        if (!((name[0] >= 'a' && name[0] <= 'z') || (name[0] >= 'A' && name[0] <= 'Z')))
+                return false;
+        for (const char *p = name; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                      *p == '-'))
+                        return false;
+        return true;
+}
+
+static bool valid_port_name(const char *name) {
+        return name && *name && !strchr(name, '/') && strcmp(name, ".") != 0 && strcmp(name, "..") != 0 &&
+               strcmp(name, "qmp") != 0;
+}
+
+static int check_socket_path(const char *path) {
+        if (strlen(path) >= sizeof(((struct sockaddr_un *)NULL)->sun_path))
+                return error_set(
+                        -ENAMETOOLONG,
+                        "qemu: socket path %s is longer than %zu bytes: use a shorter runtime directory",
+                        path, sizeof(((struct sockaddr_un *)NULL)->sun_path) - 1);
+        return 0;
+}
+
+static int vmm_config_check(const struct vmm_config *cfg) {
+        if (!cfg || !cfg->runtime_dir || !*cfg->runtime_dir)
+                return error_set(-EINVAL, "qemu: no runtime directory");
+        struct stat st;
+        if (stat(cfg->runtime_dir, &st) < 0)
+                return error_set_errno(-errno, "qemu: runtime directory %s", cfg->runtime_dir);
+        if (!S_ISDIR(st.st_mode))
+                return error_set(-ENOTDIR, "qemu: runtime directory %s is not a directory", cfg->runtime_dir);
+        if (!cfg->memory_path || !*cfg->memory_path)
+                return error_set(-EINVAL, "memory: no memory file");
+        if (cfg->memory_bytes == 0 || cfg->memory_bytes % VMM_MEMORY_ALIGN != 0)
+                return error_set(-EINVAL, "memory: %" PRIu64 " bytes is not a positive multiple of 2 MiB",
+                                 cfg->memory_bytes);
+        if (cfg->accelerator && strcmp(cfg->accelerator, "kvm") != 0 && strcmp(cfg->accelerator, "tcg") != 0)
+                return error_set(-EINVAL, "qemu: accelerator \"%s\": use kvm, tcg or none (automatic)",
+                                 cfg->accelerator);
+        if (cfg->cpus < 1)
+                return error_set(-EINVAL, "qemu: %d vCPUs: need at least one", cfg->cpus);
+        if (!cfg->kernel && (cfg->initrd || (cfg->boot_args && *cfg->boot_args)))
+                return error_set(-EINVAL, "qemu: an initrd or boot arguments need a kernel");
+        if (cfg->kernel && access(cfg->kernel, R_OK) < 0)
+                return error_set_errno(-errno, "qemu: kernel %s", cfg->kernel);
+        if (cfg->initrd && access(cfg->initrd, R_OK) < 0)
+                return error_set_errno(-errno, "qemu: initrd %s", cfg->initrd);
+        if (cfg->drive_count > VMM_MAX_DRIVES)
+                return error_set(-E2BIG, "qemu: %zu drives, at most %d", cfg->drive_count, VMM_MAX_DRIVES);
+        if (cfg->port_count > VMM_MAX_PORTS)
+                return error_set(-E2BIG, "qemu: %zu ports, at most %d", cfg->port_count, VMM_MAX_PORTS);
+        for (size_t i = 0; i < cfg->drive_count; i++) {
+                const struct vmm_drive *d = &cfg->drives[i];
+                if (!valid_node_name(d->name))
+                        return error_set(-EINVAL,
+                                         "qemu: drive name \"%s\": use 1 to %d letters, digits and '-', "
+                                         "starting with a letter",
+                                         d->name ? d->name : "(null)", VMM_NODE_NAME_MAX);
+                if (!d->path || !*d->path)
+                        return error_set(-EINVAL, "qemu: drive %s has no path", d->name);
+                for (size_t k = 0; k < i; k++)
+                        if (strcmp(cfg->drives[k].name, d->name) == 0)
+                                return error_set(-EINVAL, "qemu: two drives are named %s", d->name);
+        }
+        for (size_t i = 0; i < cfg->port_count; i++) {
+                if (!valid_port_name(cfg->ports[i]))
+                        return error_set(
+                                -EINVAL,
+                                "qemu: port name \"%s\": must be non-empty, without '/', not \"qmp\"",
+                                cfg->ports[i] ? cfg->ports[i] : "(null)");
+                for (size_t k = 0; k < i; k++)
+                        if (strcmp(cfg->ports[k], cfg->ports[i]) == 0)
+                                return error_set(-EINVAL, "qemu: two ports are named %s", cfg->ports[i]);
+        }
+        return 0;
+}
+
+/* Booting: create the memory file or extend it to memory_bytes; never shrink one (it would be
+ * another VM's RAM or a mistake). Incoming: it must already have exactly memory_bytes. */
+static int prepare_memory_file(const struct vmm_config *cfg, bool incoming) {
+        const char *path = cfg->memory_path;
+        struct stat st;
+        if (incoming) {
+                if (stat(path, &st) < 0)
+                        return error_set_errno(-errno, "memory: cannot restore from %s", path);
+                if (!S_ISREG(st.st_mode))
+                        return error_set(-EINVAL, "memory: %s is not a regular file", path);
+                if ((uint64_t)st.st_size != cfg->memory_bytes)
+                        return error_set(
+                                -EINVAL,
+                                "memory: %s has %" PRIu64 " bytes but the VM has %" PRIu64
+                                " bytes of RAM: refusing to restore from a memory file of another size",
+                                path, (uint64_t)st.st_size, cfg->memory_bytes);
+                return 0;
+        }
+        _cleanup_close_ int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0)
+                return error_set_errno(-errno, "memory: cannot open %s", path);
+        if (fstat(fd, &st) < 0)
+                return error_set_errno(-errno, "memory: %s", path);
+        if (!S_ISREG(st.st_mode))
+                return error_set(-EINVAL, "memory: %s is not a regular file", path);
+        if ((uint64_t)st.st_size > cfg->memory_bytes)
+                return error_set(-EINVAL,
+                                 "memory: %s has %" PRIu64 " bytes, more than the VM's %" PRIu64
+                                 " bytes of RAM: refusing to shrink it",
+                                 path, (uint64_t)st.st_size, cfg->memory_bytes);
+        if ((uint64_t)st.st_size < cfg->memory_bytes && ftruncate(fd, (off_t)cfg->memory_bytes) < 0)
+                return error_set_errno(-errno, "memory: cannot extend %s to %" PRIu64 " bytes", path,
+                                       cfg->memory_bytes);
+        return 0;
+}
+
+/* ---- the command line ---- */
+
+static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool incoming,
+                      const char *qemu_path, const char *console_log, struct argv_builder *a) {
+        bool kvm = strcmp(vm->accelerator, "kvm") == 0;
+        _cleanup_free_ char *mem = qemu_opt_escape(cfg->memory_path);
+        _cleanup_free_ char *qmp = qemu_opt_escape(vm->qmp_path);
+        _cleanup_free_ char *console = console_log ? qemu_opt_escape(console_log) : NULL;
+        if (!mem || !qmp || (console_log && !console))
+                return -ENOMEM;
+
+        argv_add(a, "%s", qemu_path);
+        argv_add(a, "-nodefaults");
+        argv_add(a, "-no-user-config");
+        argv_add(a, "-display");
+        argv_add(a, "none");
+        argv_add(a, "-machine");
+        argv_add(a, "q35,memory-backend=mem");
+        argv_add(a, "-object");
+        argv_add(a, "memory-backend-file,id=mem,size=%" PRIu64 ",mem-path=%s,share=on", cfg->memory_bytes,
+                 mem);
+        argv_add(a, "-accel");
+        /* Multi-threaded TCG panicked migrated guests in about a quarter of runs (DESIGN.md §2). */
+        argv_add(a, "%s", kvm ? "kvm" : "tcg,thread=single");
+        argv_add(a, "-cpu");
+        argv_add(a, "%s", cfg->cpu_model ? cfg->cpu_model : kvm ? "host" : "max");
+        argv_add(a, "-smp");
+        argv_add(a, "%d", cfg->cpus);
+        argv_add(a, "-m");
+        argv_add(a, "%" PRIu64 "M", cfg->memory_bytes >> 20);
+        /* -kernel, -initrd and -append take their argument verbatim: no escaping. */
+        if (cfg->kernel) {
+                argv_add(a, "-kernel");
+                argv_add(a, "%s", cfg->kernel);
+        }
+        if (cfg->initrd) {
+                argv_add(a, "-initrd");
+                argv_add(a, "%s", cfg->initrd);
+        }
+        if (cfg->boot_args && *cfg->boot_args) {
+                argv_add(a, "-append");
+                argv_add(a, "%s", cfg->boot_args);
+        }
+        /* Drives in order, so the guest names them vda, vdb, …: a file node under a raw node. */
+        for (size_t i = 0; i < cfg->drive_count; i++) {
+                const struct vmm_drive *d = &cfg->drives[i];
+                _cleanup_free_ char *file = qemu_opt_escape(d->path);
+                if (!file)
+                        return -ENOMEM;
+                const char *ro = d->read_only ? "on" : "off";
+                argv_add(a, "-blockdev");
+                argv_add(a, "driver=file,node-name=file%zu,filename=%s,cache.direct=off,read-only=%s", i,
+                         file, ro);
+                argv_add(a, "-blockdev");
+                argv_add(a, "driver=raw,node-name=%s,file=file%zu,read-only=%s", d->name, i, ro);
+                argv_add(a, "-device");
+                argv_add(a, "virtio-blk-pci,drive=%s,id=%s", d->name, d->name);
+        }
+        if (vm->port_count > 0) {
+                argv_add(a, "-device");
+                argv_add(a, "virtio-serial-pci");
+        }
+        for (size_t i = 0; i < vm->port_count; i++) {
+                _cleanup_free_ char *path = qemu_opt_escape(vm->ports[i].path);
+                _cleanup_free_ char *name = qemu_opt_escape(vm->ports[i].name);
+                if (!path || !name)
+                        return -ENOMEM;
+                argv_add(a, "-chardev");
+                argv_add(a, "socket,id=port%zu,path=%s,server=on,wait=off", i, path);
+                argv_add(a, "-device");
+                argv_add(a, "virtserialport,chardev=port%zu,name=%s", i, name);
+        }
+        /* The same serial device either way, so a snapshot restores whatever the console is. */
+        argv_add(a, "-chardev");
+        if (cfg->enable_output)
+                argv_add(a, "stdio,id=con,signal=off"); /* ^C goes to the guest, not to QEMU */
+        else
+                argv_add(a, "file,id=con,path=%s", console);
+        argv_add(a, "-serial");
+        argv_add(a, "chardev:con");
+        argv_add(a, "-chardev");
+        argv_add(a, "socket,id=qmp,path=%s,server=on,wait=off", qmp);
+        argv_add(a, "-mon");
+        argv_add(a, "chardev=qmp,mode=control");
+        if (incoming) {
+                argv_add(a, "-incoming");
+                argv_add(a, "defer");
+                argv_add(a, "-S"); /* stay paused after the state is loaded, whatever the source was */
+        }
+        argv_add(a, "-no-reboot");
+        return a->oom ? -ENOMEM : 0;
+}
+
+static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const argv[],
+                     const char *qemu_path) {
+        bool input = cfg->enable_output && cfg->enable_input;
+        _cleanup_close_ int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (null_fd < 0)
+                return error_set_errno(-errno, "qemu: /dev/null");
+        _cleanup_close_ int log_fd =
+                open(vm->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+        if (log_fd < 0)
+                return error_set_errno(-errno, "qemu: cannot create its log %s", vm->log_path);
+        int stdin_fd = input ? STDIN_FILENO : null_fd;
+        int stdout_fd = cfg->enable_output ? STDOUT_FILENO : log_fd;
+
+        pid_t parent = getpid();
+        pid_t pid = fork();
+        if (pid < 0)
+                return error_set_errno(-errno, "qemu: fork");
+        if (pid == 0) {
+                /* Child: async-signal-safe calls only until exec. */
+                sigset_t none;
+                sigemptyset(&none);
+                sigprocmask(SIG_SETMASK, &none, NULL);
+                struct sigaction dfl = {.sa_handler = SIG_DFL};
+                static const int reset[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD};
+                for (size_t i = 0; i < ELEMENTSOF(reset); i++)
+                        sigaction(reset[i], &dfl, NULL);
+                /* Own process group: a ^C at the terminal is for us to handle, not for QEMU. */
+                setpgid(0, 0);
+                if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+                        _exit(127);
+                if (dup2(stdin_fd, STDIN_FILENO) < 0 || dup2(stdout_fd, STDOUT_FILENO) < 0 ||
+                    dup2(log_fd, STDERR_FILENO) < 0)
+                        _exit(127);
+                close_range(3, ~0U, 0); /* no fd of ours (FUSE, sockets, pipes) lives on in QEMU */
+                execv(qemu_path, argv);
+                static const char msg[] = "drafter: cannot execute QEMU\n";
+                ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+                (void)ignored;
+                _exit(127);
+        }
+        /* Also here, so the group exists whichever of the two runs first. */
+        if (setpgid(pid, pid) < 0 && errno != EACCES && errno != ESRCH)
+                log_debug("qemu: setpgid %d: %s", (int)pid, strerror(errno));
+        vm->pid = pid;
+        return 0;
+}
+
+/* ---- lifecycle ---- */
+
+static void vmm_remove_sockets(struct vmm *vm) {
+        if (vm->qmp_path)
+                unlink(vm->qmp_path);
+        for (size_t i = 0; i < vm->port_count; i++)
+                if (vm->ports[i].path)
+                        unlink(vm->ports[i].path);
+}
+
+static void vmm_freep(struct vmm **vm) {
+        vmm_free(*vm);
+}
+
+/* One attempt: spawn QEMU under vm->accelerator and connect to QMP. On failure the process (if
+ * any) is left for the caller to stop or reap. */
+static int vmm_launch(struct vmm *vm, const struct vmm_config *cfg, bool incoming, const char *qemu_path,
+                      const char *console_log) {
+        struct argv_builder a = {0};
+        int r = build_argv(vm, cfg, incoming, qemu_path, console_log, &a);
+        if (r >= 0) {
+                _cleanup_free_ char *line = NULL;
+                size_t line_len = 0;
+                FILE *f = log_get_level() <= LOG_DEBUG ? open_memstream(&line, &line_len) : NULL;
+                if (f) {
+                        for (size_t i = 0; i < a.count; i++)
+                                fprintf(f, "%s%s", i ? " " : "", a.argv[i]);
+                        fclose(f);
+                        log_debug("qemu: starting %s", line);
+                }
+                /* A stale socket from an earlier run would answer nothing or, worse, someone else. */
+                vmm_remove_sockets(vm);
+                r = vmm_spawn(vm, cfg, a.argv, qemu_path);
+        }
+        argv_builder_done(&a);
+        if (r < 0)
+                return r;
+
+        uint64_t t0 = clock_now_ns();
+        r = qmp_connect(vm->qmp_path, t0 + VMM_START_TIMEOUT_NS, vmm_check_alive, vm, &vm->qmp);
+        /* QEMU may also exit after it opened the socket (a bad option found late). */
+        if (r < 0 && !vm->reaped && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC))
+                return vmm_exit_error(vm, r, 0, "qemu: starting");
+        if (r < 0)
+                return r;
+        log_debug("qemu: process %d ready for QMP after %.1f ms (%s%s)", (int)vm->pid,
+                  (clock_now_ns() - t0) / 1e6, vm->accelerator, incoming ? ", incoming" : "");
+        return 0;
+}
+
+int vmm_start(const struct vmm_config *cfg, bool incoming, struct vmm **ret_vmm) {
+        int r = vmm_config_check(cfg);
+        if (r < 0)
+                return r;
+        /* Forced or automatic; automatic KVM falls back to TCG if QEMU cannot start under it. */
+        const char *accelerators[2] = {"tcg", NULL};
+        if (cfg->accelerator && strcmp(cfg->accelerator, "kvm") == 0) {
+                _cleanup_close_ int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+                if (kvm < 0)
+                        return error_set_errno(-errno, "qemu: accelerator kvm: /dev/kvm");
+                accelerators[0] = "kvm";
+        } else if (!cfg->accelerator && kvm_available()) {
+                accelerators[0] = "kvm", accelerators[1] = "tcg";
+        }
+        if ((r = prepare_memory_file(cfg, incoming)) < 0)
+                return r;
+        _cleanup_free_ char *qemu_path = NULL;
+        if ((r = resolve_binary(cfg->qemu_bin ? cfg->qemu_bin : VMM_DEFAULT_QEMU, &qemu_path)) < 0)
+                return r;
+
+        _cleanup_(vmm_freep) struct vmm *vm = calloc(1, sizeof(*vm));
+        if (!vm)
+                return -ENOMEM;
+        vm->pid = -1;
+        vm->incoming = incoming;
+        vm->runtime_dir = strdup(cfg->runtime_dir);
+        vm->qmp_path = strdup_printf("%s/qmp.sock", cfg->runtime_dir);
+        vm->log_path = strdup_printf("%s/qemu.log", cfg->runtime_dir);
+        vm->memory_path = strdup(cfg->memory_path);
+        if (!vm->runtime_dir || !vm->qmp_path || !vm->log_path || !vm->memory_path)
+                return -ENOMEM;
+        if ((r = check_socket_path(vm->qmp_path)) < 0)
+                return r;
+        for (size_t i = 0; i < cfg->port_count; i++) {
+                struct vmm_port *p = &vm->ports[vm->port_count++];
+                p->name = strdup(cfg->ports[i]);
+                p->path = strdup_printf("%s/%s.sock", cfg->runtime_dir, cfg->ports[i]);
+                if (!p->name || !p->path)
+                        return -ENOMEM;
+                if ((r = check_socket_path(p->path)) < 0)
+                        return r;
+        }
+        _cleanup_free_ char *console_log = NULL;
+        if (cfg->enable_input && !cfg->enable_output)
+                log_debug("qemu: enable_input without enable_output: the console goes to a file, stdin is "
+                          "not read");
+        if (!cfg->enable_output) {
+                console_log = cfg->console_log ? strdup(cfg->console_log)
+                                               : strdup_printf("%s/console.log", cfg->runtime_dir);
+                if (!console_log)
+                        return -ENOMEM;
+        }
+
+        for (size_t i = 0; i < ELEMENTSOF(accelerators) && accelerators[i]; i++) {
+                vm->accelerator = accelerators[i];
+                r = vmm_launch(vm, cfg, incoming, qemu_path, console_log);
+                if (r >= 0 || !vm->reaped || i + 1 == ELEMENTSOF(accelerators) || !accelerators[i + 1])
+                        break;
+                /* QEMU exited under KVM: some hosts' KVM cannot run it (e.g. a paravirtual KVM
+                 * that rejects MSRs of -cpu host). The next accelerator gets a clean slate. */
+                log_debug("qemu: cannot start under %s (%s); trying %s", vm->accelerator, error_message(),
+                          accelerators[i + 1]);
+                vm->pid = -1, vm->reaped = false, vm->wait_status = 0;
+        }
+        if (r < 0)
+                return r;
+        *ret_vmm = TAKE_PTR(vm);
+        return 0;
+}
+
+int vmm_stop(struct vmm *vm) {
+        if (!vm)
+                return 0;
+        /* Often called on an error path: keep the message that explains the error. */
+        char saved[1024];
+        snprintf(saved, sizeof(saved), "%s", error_message());
+
+        if (vm->pid > 0 && !vm->reaped) {
+                if (vm->qmp && vmm_running(vm)) {
+                        qmp_set_timeout(vm->qmp, VMM_QUIT_TIMEOUT_NS);
+                        if (qmp_execute(vm->qmp, "quit", NULL, NULL) < 0)
+                                log_debug("qemu: quit: %s", error_message());
+                }
+                if (!vmm_wait_exit(vm, VMM_QUIT_TIMEOUT_NS)) {
+                        log_debug("qemu: process %d still there after quit: SIGTERM", (int)vm->pid);
+                        kill(vm->pid, SIGTERM);
+                        if (!vmm_wait_exit(vm, VMM_TERM_TIMEOUT_NS)) {
+                                log_debug("qemu: process %d still there after SIGTERM: SIGKILL",
+                                          (int)vm->pid);
+                                kill(vm->pid, SIGKILL);
+                                int status;
+                                pid_t w;
+                                while ((w = waitpid(vm->pid, &status, 0)) < 0 && errno == EINTR)
+                                        ;
+                                if (w == vm->pid)
+                                        vmm_record_exit(vm, status);
+                                else
+                                        vm->reaped = true;
+                        }
+                }
+        }
+        qmp_free(vm->qmp);
+        vm->qmp = NULL;
+        vmm_remove_sockets(vm);
+        error_set(0, "%s", saved);
+        return 0;
+}
+
+void vmm_free(struct vmm *vm) {
+        if (!vm)
+                return;
+        vmm_stop(vm);
+        for (size_t i = 0; i < vm->port_count; i++) {
+                free(vm->ports[i].name);
+                free(vm->ports[i].path);
+        }
+        free(vm->runtime_dir);
+        free(vm->qmp_path);
+        free(vm->log_path);
+        free(vm->memory_path);
+        free(vm);
+}
+
+int vmm_pause(struct vmm *vm) {
+        return vmm_qmp(vm, "stop", NULL, NULL);
+}
+
+int vmm_resume(struct vmm *vm) {
+        return vmm_qmp(vm, "cont", NULL, NULL);
+}
+
+int vmm_status(struct vmm *vm, const char **ret_status) {
+        json_auto_t *ret = NULL;
+        int r = vmm_qmp(vm, "query-status", NULL, &ret);
+        if (r < 0)
+                return r;
+        const char *status = json_string_value(json_object_get(ret, "status"));
+        if (!status)
+                return error_set(-EPROTO, "qemu: query-status: no status in the answer");
+        snprintf(vm->status, sizeof(vm->status), "%s", status);
+        *ret_status = vm->status;
+        return 0;
+}
+
+/* ---- snapshot and restore ---- */
+
+static int vmm_set_ignore_shared(struct vmm *vm) {
+        json_auto_t *args =
+                json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability", "x-ignore-shared", "state", 1);
+        if (!args)
+                return -ENOMEM;
+        return vmm_qmp(vm, "migrate-set-capabilities", args, NULL);
+}
+
+/* {"channels":[{"channel-type":"main","addr":{"transport":"file","filename":…,"offset":0}}]} */
+static json_t *file_channel_args(const char *path) {
+        return json_pack("{s:[{s:s, s:{s:s, s:s, s:i}}]}", "channels", "channel-type", "main", "addr",
+                         "transport", "file", "filename", path, "offset", 0);
+}
+
+/* Poll query-migrate until the migration (outgoing, or incoming on a -incoming VM) ends.
+ * On failure the message is "<what>: <QEMU's error-desc>[: <QEMU's log since log_from>]". */
+static int vmm_wait_migration(struct vmm *vm, const char *what, uint64_t log_from) {
+        uint64_t deadline = clock_now_ns() + VMM_MIGRATION_TIMEOUT_NS;
+        for (;;) {
+                json_auto_t *info = NULL;
+                int r = vmm_qmp(vm, "query-migrate", NULL, &info);
+                if (r < 0)
+                        return error_prefix(r, "%s", what);
+                const char *status = json_string_value(json_object_get(info, "status"));
+                if (status && strcmp(status, "completed") == 0)
+                        return 0;
+                if (status && (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0)) {
+                        const char *desc = json_string_value(json_object_get(info, "error-desc"));
+                        char tail[VMM_LOG_TAIL_MAX + 64];
+                        log_tail(vm->log_path, log_from, tail, sizeof(tail));
+                        return error_set(-EIO, "%s: %s%s%s", what, desc ? desc : status, *tail ? ": " : "",
+                                         tail);
+                }
+                if (clock_now_ns() >= deadline) {
+                        if (vmm_qmp(vm, "migrate_cancel", NULL, NULL) < 0)
+                                log_debug("qemu: migrate_cancel: %s", error_message());
+                        return error_set(-ETIMEDOUT, "%s: QEMU did not finish within %llu s (status %s)",
+                                         what, VMM_MIGRATION_TIMEOUT_NS / NSEC_PER_SEC,
+                                         status ? status : "unknown");
+                }
+                clock_sleep_ns(VMM_MIGRATION_POLL_NS);
+        }
+}
+
+static int fsync_path(const char *path, const char *what) {
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) < 0)
+                return error_set_errno(-errno, "%s: cannot sync %s", what, path);
+        return 0;
+}
+
+int vmm_snapshot(struct vmm *vm, const char *state_path) {
+        const char *status;
+        int r = vmm_status(vm, &status);
+        if (r < 0)
+                return error_prefix(r, "snapshot");
+        if (strcmp(status, "running") == 0)
+                return error_set(-EBUSY, "snapshot: the VM is running: pause it first");
+        /* QEMU: "Can't migrate the vm that was paused due to previous migration". Resuming it
+         * behind the caller's back would let the guest change what the last snapshot holds. */
+        if (strcmp(status, "postmigrate") == 0)
+                return error_set(-EALREADY,
+                                 "snapshot: the VM has not run since its last snapshot, which still "
+                                 "describes it (QEMU cannot snapshot it twice): resume it first");
+        if (vm->incoming)
+                return error_set(-EINVAL,
+                                 "snapshot: the VM is waiting for its state (incoming): restore it first");
+        if ((r = vmm_set_ignore_shared(vm)) < 0)
+                return error_prefix(r, "snapshot");
+
+        /* QEMU writes a temporary file beside the target; only a complete, synced one is renamed. */
+        _cleanup_free_ char *tmp = strdup_printf("%s.tmpXXXXXX", state_path);
+        if (!tmp)
+                return -ENOMEM;
+        _cleanup_close_ int fd = mkostemp(tmp, O_CLOEXEC);
+        if (fd < 0)
+                return error_set_errno(-errno, "snapshot: cannot create a temporary file for %s", state_path);
+
+        uint64_t t0 = clock_now_ns();
+        uint64_t log_from = file_size_or_zero(vm->log_path);
+        json_auto_t *args = file_channel_args(tmp);
+        char what[1024];
+        snprintf(what, sizeof(what), "snapshot: writing state file %s", state_path);
+        if (!args)
+                r = -ENOMEM;
+        else if ((r = vmm_qmp(vm, "migrate", args, NULL)) < 0)
+                error_prefix(r, "snapshot");
+        else
+                r = vmm_wait_migration(vm, what, log_from);
+        if (r >= 0 && (fsync(fd) < 0 || fchmod(fd, 0644) < 0))
+                r = error_set_errno(-errno, "snapshot: cannot sync %s", tmp);
+        if (r >= 0 && rename(tmp, state_path) < 0)
+                r = error_set_errno(-errno, "snapshot: cannot rename %s to %s", tmp, state_path);
+        if (r < 0) {
+                unlink(tmp);
+                return r;
+        }
+        if ((r = fs_fsync_parent(state_path)) < 0)
+                return error_prefix(r, "snapshot");
+        /* The guest's RAM pages are in the page cache of the shared mapping; make them durable
+         * (on a FUSE mount this is also what hands them to the storage layer). */
+        if ((r = fsync_path(vm->memory_path, "snapshot: memory")) < 0)
+                return r;
+        log_debug("qemu: snapshot to %s (%" PRIu64 " bytes) in %.1f ms", state_path,
+                  file_size_or_zero(state_path), (clock_now_ns() - t0) / 1e6);
+        return 0;
+}
+
+int vmm_restore(struct vmm *vm, const char *state_path) {
+        if (!vm->incoming)
+                return error_set(-EINVAL,
+                                 "restore: the VM was not started incoming, or has been restored already");
+        struct stat st;
+        if (stat(state_path, &st) < 0)
+                return error_set_errno(-errno, "restore: state file %s", state_path);
+        if (!S_ISREG(st.st_mode))
+                return error_set(-EINVAL, "restore: state file %s is not a regular file", state_path);
+        if (st.st_size == 0)
+                return error_set(-EINVAL, "restore: state file %s is empty", state_path);
+
+        int r = vmm_set_ignore_shared(vm);
+        if (r < 0)
+                return error_prefix(r, "restore");
+        uint64_t t0 = clock_now_ns();
+        uint64_t log_from = file_size_or_zero(vm->log_path);
+        json_auto_t *args = file_channel_args(state_path);
+        /* Without exit-on-error=false a failed load makes QEMU exit, and query-migrate could
+         * not tell us why. */
+        if (!args || json_object_set_new(args, "exit-on-error", json_false()) < 0)
+                return -ENOMEM;
+        if ((r = vmm_qmp(vm, "migrate-incoming", args, NULL)) < 0)
+                return error_prefix(r, "restore: state file %s", state_path);
+        char what[1024];
+        snprintf(what, sizeof(what), "restore: cannot load state file %s", state_path);
+        if ((r = vmm_wait_migration(vm, what, log_from)) < 0)
+                return r;
+        /* "completed" may come a moment before QEMU leaves the inmigrate run state. */
+        uint64_t deadline = clock_now_ns() + VMM_START_TIMEOUT_NS;
+        for (;;) {
+                const char *status;
+                if ((r = vmm_status(vm, &status)) < 0)
+                        return error_prefix(r, "restore");
+                if (strcmp(status, "inmigrate") != 0)
+                        break;
+                if (clock_now_ns() >= deadline)
+                        return error_set(-ETIMEDOUT,
+                                         "restore: state file %s loaded, but QEMU is still in inmigrate",
+                                         state_path);
+                clock_sleep_ns(VMM_MIGRATION_POLL_NS);
+        }
+        vm->incoming = false;
+        log_debug("qemu: restored %s (%" PRIu64 " bytes) in %.1f ms", state_path, (uint64_t)st.st_size,
+                  (clock_now_ns() - t0) / 1e6);
+        return 0;
+}
+
+/* ---- accessors ---- */
+
+pid_t vmm_pid(const struct vmm *vm) {
+        return vm->pid;
+}
+
+const char *vmm_port_path(const struct vmm *vm, const char *name) {
+        if (!vm || !name)
+                return NULL;
+        for (size_t i = 0; i < vm->port_count; i++)
+                if (strcmp(vm->ports[i].name, name) == 0)
+                        return vm->ports[i].path;
+        return NULL;
+}
+
+const char *vmm_accelerator(const struct vmm *vm) {
+        return vm->accelerator;
+}

@@ -1,0 +1,566 @@
+/* test-qemu.c — the QEMU backend against a real qemu-system-x86_64 (TCG here, KVM where it can).
+ *
+ * No guest kernel: QEMU starts without -kernel and SeaBIOS idles with nothing to boot, which is
+ * enough to drive run states, snapshots (device state of a real machine) and restores. Every
+ * test ends with no child process left. Skips (77) only when qemu-system-x86_64 is missing. */
+#include "helpers.h"
+#include "drafter/cleanup.h"
+#include "drafter/clock.h"
+#include "drafter/error.h"
+#include "drafter/vmm.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MEMORY_BYTES (128ULL << 20)
+#define DISK_BYTES   (1ULL << 20)
+#define PORT_NAME    "drafter.agent"
+
+struct fixture {
+        char *dir;
+        char *memory;
+        char *disk;
+        char *run_a, *run_b; /* a runtime directory per VM */
+};
+
+static int setup(void **state) {
+        struct fixture *f = calloc(1, sizeof(*f));
+        assert_non_null(f);
+        f->dir = test_tmpdir_new();
+        assert_non_null(f->dir);
+        f->memory = test_path(f->dir, "memory.bin");
+        f->disk = test_path(f->dir, "disk.img");
+        f->run_a = test_path(f->dir, "a");
+        f->run_b = test_path(f->dir, "b");
+        assert_int_equal(mkdir(f->run_a, 0755), 0);
+        assert_int_equal(mkdir(f->run_b, 0755), 0);
+        test_write_random_file(f->disk, DISK_BYTES, 1);
+        *state = f;
+        return 0;
+}
+
+static int teardown(void **state) {
+        struct fixture *f = *state;
+        /* Whatever a test did, no QEMU may be left behind. */
+        int status;
+        assert_int_equal(waitpid(-1, &status, WNOHANG), -1);
+        assert_int_equal(errno, ECHILD);
+        free(f->memory);
+        free(f->disk);
+        free(f->run_a);
+        free(f->run_b);
+        test_tmpdir_remove(f->dir);
+        free(f);
+        return 0;
+}
+
+static struct vmm_config config(const struct fixture *f, const char *runtime_dir) {
+        struct vmm_config cfg = {
+                .runtime_dir = runtime_dir,
+                .memory_path = f->memory,
+                .memory_bytes = MEMORY_BYTES,
+                .cpus = 1,
+                .drives = {{.name = "disk", .path = f->disk}},
+                .drive_count = 1,
+                .ports = {PORT_NAME},
+                .port_count = 1,
+        };
+        return cfg;
+}
+
+static void assert_status(struct vmm *vm, const char *expected) {
+        const char *status;
+        assert_ok(vmm_status(vm, &status));
+        assert_string_equal(status, expected);
+}
+
+static bool exists(const char *path) {
+        struct stat st;
+        return lstat(path, &st) == 0;
+}
+
+static void assert_no_sockets(const char *runtime_dir) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/qmp.sock", runtime_dir);
+        assert_false(exists(path));
+        snprintf(path, sizeof(path), "%s/%s.sock", runtime_dir, PORT_NAME);
+        assert_false(exists(path));
+}
+
+static void assert_process_gone(pid_t pid) {
+        int status;
+        assert_int_equal(kill(pid, 0), -1);
+        assert_int_equal(errno, ESRCH);
+        assert_int_equal(waitpid(pid, &status, WNOHANG), -1);
+        assert_int_equal(errno, ECHILD);
+}
+
+static uint64_t file_size(const char *path) {
+        struct stat st;
+        assert_int_equal(stat(path, &st), 0);
+        return (uint64_t)st.st_size;
+}
+
+/* Boot a VM, pause it and write its state to state_path; the VM is stopped afterwards. */
+static void make_snapshot(const struct fixture *f, const char *state_path) {
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        assert_ok(vmm_start(&cfg, false, &vm));
+        assert_ok(vmm_pause(vm));
+        assert_ok(vmm_snapshot(vm, state_path));
+        assert_ok(vmm_stop(vm));
+        vmm_free(vm);
+}
+
+static void test_run_states(void **state) {
+        struct fixture *f = *state;
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        uint64_t t0 = clock_now_ns();
+        assert_ok(vmm_start(&cfg, false, &vm));
+        print_message("start to QMP ready: %.1f ms (%s)\n", (clock_now_ns() - t0) / 1e6, vmm_accelerator(vm));
+        assert_true(strcmp(vmm_accelerator(vm), "tcg") == 0 || strcmp(vmm_accelerator(vm), "kvm") == 0);
+        assert_true(vmm_running(vm));
+        pid_t pid = vmm_pid(vm);
+        assert_true(pid > 0);
+        /* Its own process group: a ^C at our terminal does not reach it directly. */
+        assert_int_equal(getpgid(pid), pid);
+        assert_int_equal(file_size(f->memory), MEMORY_BYTES); /* created at the right size */
+
+        const char *port = vmm_port_path(vm, PORT_NAME);
+        assert_non_null(port);
+        struct stat st;
+        assert_int_equal(stat(port, &st), 0);
+        assert_true(S_ISSOCK(st.st_mode));
+        assert_null(vmm_port_path(vm, "no-such-port"));
+
+        assert_status(vm, "running");
+        assert_ok(vmm_pause(vm));
+        assert_status(vm, "paused");
+        assert_ok(vmm_resume(vm));
+        assert_status(vm, "running");
+
+        t0 = clock_now_ns();
+        assert_ok(vmm_stop(vm));
+        print_message("stop (quit, reap): %.1f ms\n", (clock_now_ns() - t0) / 1e6);
+        assert_false(vmm_running(vm));
+        assert_process_gone(pid);
+        assert_no_sockets(f->run_a);
+        /* Idempotent, and the VM answers no more. */
+        assert_ok(vmm_stop(vm));
+        const char *status;
+        assert_int_equal(vmm_status(vm, &status), -ESRCH);
+        vmm_free(vm);
+}
+
+static void test_snapshot_restore(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *state_path = test_path(f->dir, "state.bin");
+        _cleanup_free_ char *state2_path = test_path(f->dir, "state2.bin");
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *a = NULL;
+        assert_ok(vmm_start(&cfg, false, &a));
+        assert_int_equal(vmm_snapshot(a, state_path), -EBUSY); /* running */
+        print_message("snapshot of a running VM: %s\n", error_message());
+        assert_false(exists(state_path));
+
+        assert_ok(vmm_pause(a));
+        uint64_t t0 = clock_now_ns();
+        assert_ok(vmm_snapshot(a, state_path));
+        double save_ms = (clock_now_ns() - t0) / 1e6;
+        uint64_t size = file_size(state_path);
+        print_message("snapshot: state %llu bytes, %.1f ms\n", (unsigned long long)size, save_ms);
+        assert_true(size > 0);
+        assert_true(size < (2u << 20));
+        assert_status(a, "postmigrate");
+        /* The source can go on after a snapshot, and be snapshotted again. */
+        assert_ok(vmm_resume(a));
+        assert_status(a, "running");
+        assert_ok(vmm_pause(a));
+        assert_ok(vmm_snapshot(a, state2_path));
+        /* Not twice without a resume: QEMU refuses, we say why. */
+        assert_int_equal(vmm_snapshot(a, state_path), -EALREADY);
+        print_message("second snapshot without a resume: %s\n", error_message());
+        assert_ok(vmm_resume(a));
+        assert_status(a, "running");
+        assert_ok(vmm_pause(a));
+        assert_ok(vmm_snapshot(a, state_path));
+        vmm_free(a);
+
+        /* A second QEMU on the same memory file, from that state. */
+        struct vmm_config cfg_b = config(f, f->run_b);
+        struct vmm *b = NULL;
+        t0 = clock_now_ns();
+        assert_ok(vmm_start(&cfg_b, true, &b));
+        double start_ms = (clock_now_ns() - t0) / 1e6;
+        assert_status(b, "inmigrate");
+        t0 = clock_now_ns();
+        assert_ok(vmm_restore(b, state_path));
+        print_message("restore: QEMU start %.1f ms, load %.1f ms\n", start_ms, (clock_now_ns() - t0) / 1e6);
+        assert_status(b, "paused");
+        assert_ok(vmm_resume(b));
+        assert_status(b, "running");
+        /* A restored VM snapshots like any other. */
+        assert_ok(vmm_pause(b));
+        assert_ok(vmm_snapshot(b, state2_path));
+        assert_true(file_size(state2_path) > 0);
+        pid_t pid = vmm_pid(b);
+        vmm_free(b);
+        assert_process_gone(pid);
+        assert_no_sockets(f->run_b);
+
+        /* No temporary file left beside the state files. */
+        DIR *d = opendir(f->dir);
+        assert_non_null(d);
+        for (struct dirent *e; (e = readdir(d));)
+                assert_null(strstr(e->d_name, ".tmp"));
+        closedir(d);
+}
+
+/* Restoring `state_path` must fail with a message naming it, and leave nothing behind. */
+static void expect_restore_failure(const struct fixture *f, const char *state_path, const char *label) {
+        struct vmm_config cfg = config(f, f->run_b);
+        struct vmm *b = NULL;
+        assert_ok(vmm_start(&cfg, true, &b));
+        pid_t pid = vmm_pid(b);
+        int r = vmm_restore(b, state_path);
+        print_message("%s: %d: %s\n", label, r, error_message());
+        assert_true(r < 0);
+        assert_non_null(strstr(error_message(), state_path));
+        _cleanup_free_ char *message = strdup(error_message());
+        vmm_free(b);
+        /* Freeing keeps the message that explains the failure. */
+        assert_string_equal(error_message(), message);
+        assert_process_gone(pid);
+        assert_no_sockets(f->run_b);
+}
+
+static void test_restore_corrupt_state(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *state_path = test_path(f->dir, "state.bin");
+        make_snapshot(f, state_path);
+        uint64_t size = file_size(state_path);
+
+        /* Flip bytes all through the stream. */
+        int fd = open(state_path, O_RDWR);
+        assert_true(fd >= 0);
+        for (uint64_t off = 1000; off < size; off += 997) {
+                unsigned char c;
+                assert_int_equal(pread(fd, &c, 1, (off_t)off), 1);
+                c ^= 0x5a;
+                assert_int_equal(pwrite(fd, &c, 1, (off_t)off), 1);
+        }
+        close(fd);
+        expect_restore_failure(f, state_path, "corrupted state");
+
+        /* Cut in half. */
+        make_snapshot(f, state_path);
+        assert_int_equal(truncate(state_path, (off_t)(size / 2)), 0);
+        expect_restore_failure(f, state_path, "truncated state");
+
+        /* Not a migration stream at all. */
+        test_write_random_file(state_path, 4096, 7);
+        expect_restore_failure(f, state_path, "random state");
+}
+
+static void test_restore_missing_state(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *missing = test_path(f->dir, "no-such-state.bin");
+        _cleanup_free_ char *empty = test_path(f->dir, "empty-state.bin");
+        int fd = open(f->memory, O_RDWR | O_CREAT, 0644);
+        assert_true(fd >= 0);
+        assert_int_equal(ftruncate(fd, (off_t)MEMORY_BYTES), 0);
+        close(fd);
+        fd = open(empty, O_RDWR | O_CREAT, 0644);
+        assert_true(fd >= 0);
+        close(fd);
+
+        struct vmm_config cfg = config(f, f->run_b);
+        struct vmm *b = NULL;
+        assert_ok(vmm_start(&cfg, true, &b));
+        assert_int_equal(vmm_restore(b, missing), -ENOENT);
+        print_message("missing state: %s\n", error_message());
+        assert_non_null(strstr(error_message(), missing));
+        assert_int_equal(vmm_restore(b, empty), -EINVAL);
+        print_message("empty state: %s\n", error_message());
+        assert_non_null(strstr(error_message(), "empty"));
+        /* Nothing was started: the VM still waits for a state. */
+        assert_status(b, "inmigrate");
+        vmm_free(b);
+}
+
+static void test_memory_file_size(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *state_path = test_path(f->dir, "state.bin");
+        make_snapshot(f, state_path);
+        struct vmm_config cfg = config(f, f->run_b);
+        struct vmm *vm = NULL;
+
+        /* Restoring needs exactly the snapshot's RAM size, larger or smaller. */
+        assert_int_equal(truncate(f->memory, (off_t)(MEMORY_BYTES + (2u << 20))), 0);
+        assert_int_equal(vmm_start(&cfg, true, &vm), -EINVAL);
+        print_message("larger memory file: %s\n", error_message());
+        assert_non_null(strstr(error_message(), f->memory));
+        assert_int_equal(truncate(f->memory, (off_t)(MEMORY_BYTES / 2)), 0);
+        assert_int_equal(vmm_start(&cfg, true, &vm), -EINVAL);
+        print_message("smaller memory file: %s\n", error_message());
+        assert_int_equal(file_size(f->memory), MEMORY_BYTES / 2); /* untouched */
+        assert_int_equal(unlink(f->memory), 0);
+        assert_int_equal(vmm_start(&cfg, true, &vm), -ENOENT);
+        print_message("no memory file: %s\n", error_message());
+        assert_false(exists(f->memory));
+
+        /* Booting extends a short file and refuses to shrink a long one. */
+        assert_int_equal(truncate(f->disk, (off_t)DISK_BYTES), 0);
+        int fd = open(f->memory, O_RDWR | O_CREAT, 0644);
+        assert_true(fd >= 0);
+        close(fd);
+        assert_int_equal(truncate(f->memory, (off_t)(MEMORY_BYTES * 2)), 0);
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        print_message("boot with a larger memory file: %s\n", error_message());
+        assert_int_equal(truncate(f->memory, (off_t)(4u << 20)), 0);
+        assert_ok(vmm_start(&cfg, false, &vm));
+        assert_int_equal(file_size(f->memory), MEMORY_BYTES);
+        vmm_free(vm);
+}
+
+static void test_start_failures(void **state) {
+        struct fixture *f = *state;
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+
+        /* QEMU itself refuses: its exit status and its own words. */
+        cfg.cpu_model = "no-such-cpu";
+        assert_true(vmm_start(&cfg, false, &vm) < 0);
+        print_message("bad CPU model: %s\n", error_message());
+        assert_non_null(strstr(error_message(), "exited"));
+        assert_non_null(strstr(error_message(), "no-such-cpu"));
+        assert_no_sockets(f->run_a);
+
+        cfg = config(f, f->run_a);
+        cfg.qemu_bin = "/nonexistent/qemu";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -ENOENT);
+        print_message("no QEMU: %s\n", error_message());
+
+        /* Refused before anything starts. */
+        cfg = config(f, f->run_a);
+        cfg.memory_bytes = MEMORY_BYTES + 4096;
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        cfg = config(f, f->run_a);
+        cfg.drives[0].name = "bad,name";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        print_message("bad drive name: %s\n", error_message());
+        cfg = config(f, f->run_a);
+        cfg.ports[0] = "qmp";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        cfg = config(f, f->run_a);
+        cfg.boot_args = "console=ttyS0";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        print_message("boot args without kernel: %s\n", error_message());
+        cfg = config(f, f->run_a);
+        cfg.kernel = "/nonexistent/bzImage";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -ENOENT);
+        cfg = config(f, "/nonexistent-runtime-dir");
+        assert_int_equal(vmm_start(&cfg, false, &vm), -ENOENT);
+        print_message("no runtime dir: %s\n", error_message());
+}
+
+/* A restore on a VM that was not started incoming, and QEMU dying under us. */
+static void test_misuse_and_crash(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *state_path = test_path(f->dir, "state.bin");
+        make_snapshot(f, state_path);
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        assert_ok(vmm_start(&cfg, false, &vm));
+        assert_int_equal(vmm_restore(vm, state_path), -EINVAL);
+        print_message("restore on a booted VM: %s\n", error_message());
+
+        pid_t pid = vmm_pid(vm);
+        assert_int_equal(kill(pid, SIGKILL), 0);
+        int r = vmm_pause(vm);
+        print_message("QEMU killed: %d: %s\n", r, error_message());
+        assert_true(r < 0);
+        assert_non_null(strstr(error_message(), "signal 9"));
+        assert_false(vmm_running(vm));
+        assert_ok(vmm_stop(vm));
+        assert_process_gone(pid);
+        assert_no_sockets(f->run_a);
+        vmm_free(vm);
+}
+
+/* Forced accelerators; KVM (where /dev/kvm works) through a snapshot and a restore. */
+static void test_accelerators(void **state) {
+        struct fixture *f = *state;
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        cfg.accelerator = "xen";
+        assert_int_equal(vmm_start(&cfg, false, &vm), -EINVAL);
+        print_message("bad accelerator: %s\n", error_message());
+
+        cfg.accelerator = "tcg";
+        uint64_t t0 = clock_now_ns();
+        assert_ok(vmm_start(&cfg, false, &vm));
+        print_message("tcg: start to QMP ready %.1f ms\n", (clock_now_ns() - t0) / 1e6);
+        assert_string_equal(vmm_accelerator(vm), "tcg");
+        vmm_free(vm);
+
+        int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+        if (kvm < 0) {
+                cfg.accelerator = "kvm";
+                assert_true(vmm_start(&cfg, false, &vm) < 0);
+                print_message("kvm without /dev/kvm: %s\n", error_message());
+                return;
+        }
+        close(kvm);
+        /* Without arch-capabilities: a paravirtual KVM (kvm-pvm) refuses that MSR and QEMU aborts. */
+        _cleanup_free_ char *state_path = test_path(f->dir, "state-kvm.bin");
+        cfg.accelerator = "kvm";
+        cfg.cpu_model = "host,-arch-capabilities";
+        int r = vmm_start(&cfg, false, &vm);
+        if (r < 0) {
+                print_message("QEMU does not start under this host's KVM: %s\n", error_message());
+                skip();
+        }
+        assert_string_equal(vmm_accelerator(vm), "kvm");
+        assert_status(vm, "running");
+        assert_ok(vmm_pause(vm));
+        t0 = clock_now_ns();
+        assert_ok(vmm_snapshot(vm, state_path));
+        print_message("kvm: snapshot %llu bytes in %.1f ms\n", (unsigned long long)file_size(state_path),
+                      (clock_now_ns() - t0) / 1e6);
+        vmm_free(vm);
+        cfg.runtime_dir = f->run_b;
+        assert_ok(vmm_start(&cfg, true, &vm));
+        assert_ok(vmm_restore(vm, state_path));
+        assert_status(vm, "paused");
+        assert_ok(vmm_resume(vm));
+        assert_status(vm, "running");
+        vmm_free(vm);
+}
+
+/* QEMU reads nothing of ours: stdin is /dev/null unless enable_input, and it inherits no fd
+ * beyond 0-2; the console goes to our stdout with enable_output. */
+static void test_inherited_fds(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *canary = test_path(f->dir, "canary");
+        int leak = open(canary, O_RDWR | O_CREAT, 0644); /* deliberately without O_CLOEXEC */
+        assert_true(leak >= 0);
+        struct vmm_config cfg = config(f, f->run_a);
+        cfg.enable_output = true;
+        struct vmm *vm = NULL;
+        assert_ok(vmm_start(&cfg, false, &vm));
+        pid_t pid = vmm_pid(vm);
+        char link[64], target[4096], ours[4096];
+        snprintf(link, sizeof(link), "/proc/%d/fd/0", (int)pid);
+        ssize_t n = readlink(link, target, sizeof(target) - 1);
+        assert_true(n > 0);
+        target[n] = '\0';
+        assert_string_equal(target, "/dev/null");
+        snprintf(link, sizeof(link), "/proc/%d/fd/1", (int)pid);
+        n = readlink(link, target, sizeof(target) - 1);
+        assert_true(n > 0);
+        target[n] = '\0';
+        n = readlink("/proc/self/fd/1", ours, sizeof(ours) - 1);
+        assert_true(n > 0);
+        ours[n] = '\0';
+        assert_string_equal(target, ours);
+
+        char dir_path[64];
+        snprintf(dir_path, sizeof(dir_path), "/proc/%d/fd", (int)pid);
+        DIR *d = opendir(dir_path);
+        assert_non_null(d);
+        for (struct dirent *e; (e = readdir(d));) {
+                char fd_path[512];
+                snprintf(fd_path, sizeof(fd_path), "%s/%s", dir_path, e->d_name);
+                n = readlink(fd_path, target, sizeof(target) - 1);
+                if (n <= 0)
+                        continue;
+                target[n] = '\0';
+                assert_null(strstr(target, "canary"));
+        }
+        closedir(d);
+        close(leak);
+        vmm_free(vm);
+
+        /* Without enable_output the console is a file in the runtime directory. */
+        cfg.enable_output = false;
+        assert_ok(vmm_start(&cfg, false, &vm));
+        char console[4096];
+        snprintf(console, sizeof(console), "%s/console.log", f->run_a);
+        assert_true(exists(console));
+        vmm_free(vm);
+}
+
+/* A process that dies without stopping its VM takes QEMU with it (PR_SET_PDEATHSIG). */
+static void test_parent_death(void **state) {
+        struct fixture *f = *state;
+        /* Orphans come to us, so we can reap QEMU and see how it ended. */
+        assert_int_equal(prctl(PR_SET_CHILD_SUBREAPER, 1), 0);
+        int fds[2];
+        assert_int_equal(pipe(fds), 0);
+        pid_t child = fork();
+        assert_true(child >= 0);
+        if (child == 0) {
+                close(fds[0]);
+                struct vmm_config cfg = config(f, f->run_a);
+                cfg.accelerator = "tcg";
+                struct vmm *vm = NULL;
+                pid_t qemu = -1;
+                if (vmm_start(&cfg, false, &vm) == 0)
+                        qemu = vmm_pid(vm);
+                if (write(fds[1], &qemu, sizeof(qemu)) != sizeof(qemu))
+                        _exit(2);
+                _exit(qemu > 0 ? 0 : 1); /* no vmm_stop(): the VM is abandoned */
+        }
+        close(fds[1]);
+        pid_t qemu = -1;
+        assert_int_equal(read(fds[0], &qemu, sizeof(qemu)), sizeof(qemu));
+        close(fds[0]);
+        int status;
+        assert_int_equal(waitpid(child, &status, 0), child);
+        assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        assert_true(qemu > 0);
+
+        uint64_t deadline = clock_now_ns() + 10 * NSEC_PER_SEC;
+        pid_t w;
+        while ((w = waitpid(qemu, &status, WNOHANG)) == 0 && clock_now_ns() < deadline)
+                clock_sleep_ns(NSEC_PER_MSEC);
+        assert_int_equal(w, qemu);
+        assert_true(WIFSIGNALED(status));
+        assert_int_equal(WTERMSIG(status), SIGKILL);
+        assert_int_equal(prctl(PR_SET_CHILD_SUBREAPER, 0), 0);
+}
+
+static bool qemu_installed(void) {
+        return system("command -v qemu-system-x86_64 >/dev/null 2>&1") == 0;
+}
+
+int main(void) {
+        if (!qemu_installed()) {
+                fprintf(stderr, "qemu-system-x86_64 is not installed: skipping\n");
+                return 77;
+        }
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test_setup_teardown(test_run_states, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_snapshot_restore, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_restore_corrupt_state, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_restore_missing_state, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_memory_file_size, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_start_failures, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_misuse_and_crash, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_accelerators, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_inherited_fds, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_parent_death, setup, teardown),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}
