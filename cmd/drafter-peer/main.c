@@ -96,7 +96,9 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 goto out;
         }
-        log_info("Resumed VM in %.1f ms", instance_resume_ms(inst));
+        char report[512];
+        instance_resume_report(inst, report, sizeof(report));
+        log_info("Resumed VM in %.1f ms (%s)", instance_resume_ms(inst), report);
         for (;;) {
                 struct pollfd p = {.fd = sigfd, .events = POLLIN};
                 int n = poll(&p, 1, 200);

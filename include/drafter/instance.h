@@ -9,6 +9,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "drafter/device_config.h"
@@ -42,6 +43,8 @@ int instance_resume(const struct device_list *devices, const struct instance_opt
                     struct instance **ret_instance);
 /* Milliseconds from the start of instance_resume to the VM running again. */
 double instance_resume_ms(const struct instance *inst);
+/* Where the resume's time went, as one line. */
+void instance_resume_report(const struct instance *inst, char *buf, size_t size);
 /* True while the VM runs. */
 bool instance_running(struct instance *inst);
 /* BeforeSuspend, pause, and write the VM back into its devices (state, memory, config): the
