@@ -3,8 +3,10 @@
  *   shared: true          → the base file itself, read-write: changes go into the package.
  *   overlay + state       → copy-on-write over the read-only base; changes go into the overlay,
  *                           and survive restarts (reopening continues where it stopped).
- *   neither               → copy-on-write with a private overlay in unlinked temporary files:
- *                           the package is never modified and nothing is left behind.
+ *   neither               → the base file itself, read-write, as with shared: a single
+ *                           instance whose changes are written back to the package (the seed
+ *                           README's first drafter-peer example). cow_device_open_private()
+ *                           remains for callers that want a throw-away overlay.
  *   sharedbase: true      → (with an overlay) the base is identical on every peer, so a
  *                           migration sends only the blocks present in the overlay;
  *                           storage_device_sends_all() tells the migrator. */

@@ -377,7 +377,7 @@ int device_list_check_inputs(const struct device_list *list, enum device_schema 
                         r = check_input_file(d, "path", d->path, false);
                         break;
                 case DEVICE_SCHEMA_PEER:
-                        r = check_input_file(d, "base", d->base, d->shared);
+                        r = check_input_file(d, "base", d->base, d->shared || is_empty(d->overlay));
                         break;
                 }
                 if (r < 0)

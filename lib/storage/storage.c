@@ -12,13 +12,12 @@ static bool is_set(const char *s) {
 int storage_open_device(const struct device_config *cfg, struct block_device **ret_dev) {
         if (!is_set(cfg->base))
                 return error_set(-EINVAL, "%s: no base file", cfg->name);
-        if (cfg->shared)
-                return file_device_open(cfg->name, cfg->base, 0, 0, cfg->block_size, ret_dev);
-        if (is_set(cfg->overlay))
+        if (is_set(cfg->overlay) && !cfg->shared)
                 return cow_device_open(&(struct cow_config){cfg->name, cfg->base, cfg->overlay, cfg->state,
                                                             cfg->block_size},
                                        ret_dev);
-        return cow_device_open_private(cfg->name, cfg->base, cfg->block_size, ret_dev);
+        /* shared, or no overlay: the package file itself (Drafter's single-instance mode). */
+        return file_device_open(cfg->name, cfg->base, 0, 0, cfg->block_size, ret_dev);
 }
 
 bool storage_device_sends_all(const struct device_config *cfg) {

@@ -45,6 +45,15 @@ print(json.dumps([{"name": n, "base": f"{pkg}/{f}", "overlay": f"{ov}/overlay/{f
                    "blockSize": 65536} for n, f in files.items()]))
 PY
 }
+base_devices() { # the package alone: changes are written back into it
+        python3 - "$P" <<'PY'
+import json, sys
+pkg = sys.argv[1]
+files = {"state": "state.bin", "memory": "memory.bin", "kernel": "vmlinux", "disk": "rootfs.ext4",
+         "config": "config.json", "oci": "oci.ext4"}
+print(json.dumps([{"name": n, "base": f"{pkg}/{f}"} for n, f in files.items()]))
+PY
+}
 counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 
 t0=$(date +%s%N)
@@ -88,6 +97,29 @@ for round in 1 2 3; do
 done
 
 for f in "$P"/*; do sha256sum "$f"; done | cmp - "$WORK/package.sha256" || fail "the package changed"
+snap_last=$(counts "$WORK/snap.out" | tail -1)
+
+# Without overlays the instance writes back into the package: twice, each run continuing the last.
+last=$snap_last
+for round in 1 2; do
+        "$DRAFTER_PEER" --devices "$(base_devices)" --chroot-base-dir "$WORK/vms" \
+                >"$WORK/wb$round.out" 2>"$WORK/wb$round.log" &
+        PEER=$!
+        on_exit "kill -9 $PEER 2>/dev/null"
+        for _ in $(seq 1 600); do
+                [[ $(counts "$WORK/wb$round.out" | wc -l) -ge 3 ]] && break
+                kill -0 $PEER 2>/dev/null || break
+                sleep 0.1
+        done
+        kill -INT $PEER
+        timeout 60 tail --pid=$PEER -f /dev/null || fail "write-back $round: drafter-peer did not stop"
+        wait $PEER || { cat "$WORK/wb$round.log"; fail "write-back $round: drafter-peer failed"; }
+        first=$(counts "$WORK/wb$round.out" | head -1)
+        (( first > last && first <= last + 2 )) || fail "write-back $round: the counter went from $last to $first"
+        echo "write-back $round: counter $last -> $first"
+        last=$(counts "$WORK/wb$round.out" | tail -1)
+done
+for f in "$P"/*; do sha256sum "$f"; done | cmp -s - "$WORK/package.sha256" && fail "the package did not change"
 pgrep -f "qemu-system-x86_64.*$WORK" && fail "QEMU processes left behind"
 grep -q "$WORK" /proc/mounts && fail "mounts left behind: $(grep "$WORK" /proc/mounts)"
 echo "ok"

@@ -210,14 +210,11 @@ static void test_device_modes(void **state) {
         unsigned char fill[BS];
         memset(fill, 0x5a, BS);
 
-        /* Private overlay: the package is untouched and no file is left in $TMPDIR. */
+        /* A private overlay: the package is untouched and no file is left in $TMPDIR. */
         char *tmp = test_path(p.dir, "tmp");
         assert_int_equal(mkdir(tmp, 0755), 0);
         setenv("TMPDIR", tmp, 1);
-        snprintf(json, sizeof(json), "[{\"name\":\"disk\",\"base\":\"%s\",\"blockSize\":4096}]", p.base);
-        assert_ok(device_list_parse(json, DEVICE_SCHEMA_PEER, &list));
-        assert_true(storage_device_sends_all(&list.devices[0]));
-        assert_ok(storage_open_device(&list.devices[0], &dev));
+        assert_ok(cow_device_open_private("disk", p.base, 4096, &dev));
         assert_int_equal(count_entries(tmp), 0);
         assert_ok(block_device_write_at(dev, fill, BS, 0));
         assert_ok(block_device_flush(dev));
@@ -227,6 +224,19 @@ static void test_device_modes(void **state) {
         unsetenv("TMPDIR");
         read_file(p.base, after, sizeof(after));
         assert_memory_equal(after, base_before, sizeof(after));
+
+        /* Base only: a single instance writing back into the package. */
+        snprintf(json, sizeof(json), "[{\"name\":\"disk\",\"base\":\"%s\",\"blockSize\":4096}]", p.base);
+        assert_ok(device_list_parse(json, DEVICE_SCHEMA_PEER, &list));
+        assert_true(storage_device_sends_all(&list.devices[0]));
+        assert_ok(storage_open_device(&list.devices[0], &dev));
+        assert_ok(block_device_write_at(dev, fill, BS, 3 * BS));
+        assert_ok(block_device_flush(dev));
+        block_device_close(dev);
+        read_file(p.base, after, sizeof(after));
+        assert_memory_equal(after + 3 * BS, fill, BS);
+        assert_memory_equal(after, base_before, 3 * BS);
+        memcpy(base_before + 3 * BS, fill, BS); /* the package has changed, as it should */
         device_list_free(&list);
 
         /* Overlay + state, sharedbase: only overlay blocks need to travel. */
