@@ -69,26 +69,10 @@ static int open_local(void *ctx, const struct migrate_device_info *info, struct 
         const struct device_config *cfg = device_list_find(&m->list, info->name);
         if (!cfg)
                 return error_set(-ENOENT, "the source sends device \"%s\", which --devices does not list", info->name);
-        if (cfg->block_size != info->block_size)
-                return error_set(-EINVAL, "device \"%s\": --devices says blockSize %u, the source uses %u", info->name,
-                                 cfg->block_size, info->block_size);
         note_created(m, cfg->overlay);
         note_created(m, cfg->state);
         note_created(m, cfg->base);
-        /* No local base yet: start from an empty (sparse) one of the source's size. */
-        struct stat st;
-        if (stat(cfg->base, &st) < 0) {
-                int r = fs_mkdir_parents(cfg->base);
-                int fd = r < 0 ? -1 : open(cfg->base, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-                if (fd < 0 || ftruncate(fd, (off_t)info->size) < 0) {
-                        r = error_set_errno(-errno, "device \"%s\": cannot create base %s", info->name, cfg->base);
-                        if (fd >= 0)
-                                close(fd);
-                        return r;
-                }
-                close(fd);
-        }
-        return storage_open_device(cfg, ret);
+        return storage_open_received(cfg, info, ret);
 }
 
 /* Put volatility monitor, dirty tracker and gate on device i's bottom. */

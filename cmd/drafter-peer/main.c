@@ -6,6 +6,8 @@
 #include "drafter/flags.h"
 #include "drafter/instance.h"
 #include "drafter/log.h"
+#include "drafter/transport.h"
+#include "drafter/cleanup.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -60,11 +62,6 @@ int main(int argc, char **argv) {
                           vmm);
                 return 2;
         }
-        if (*raddr || *laddr) {
-                log_error("--raddr/--laddr: live migration of VMs is not implemented yet; start locally with "
-                          "--raddr '' --laddr ''");
-                return 2;
-        }
         if (*netns) {
                 log_error("--netns %s: networking is not implemented yet; leave it empty", netns);
                 return 2;
@@ -91,21 +88,46 @@ int main(int argc, char **argv) {
                                      .agent_timeout_ns = (uint64_t)agent_timeout,
                                      .resume_timeout_ns = (uint64_t)resume_timeout};
         struct instance *inst;
-        int status = 1;
-        if ((r = instance_resume(&devices, &o, &inst)) < 0) {
+        int status = 1, lfd = -1;
+        r = *raddr ? instance_receive(&devices, &o, raddr, disable_postcopy, &inst) : instance_resume(&devices, &o, &inst);
+        if (r < 0) {
                 log_error("%s", error_message());
                 goto out;
         }
         char report[512];
         instance_resume_report(inst, report, sizeof(report));
         log_info("Resumed VM in %.1f ms (%s)", instance_resume_ms(inst), report);
+        bool received = !*raddr, stopping = false;
         for (;;) {
-                struct pollfd p = {.fd = sigfd, .events = POLLIN};
-                int n = poll(&p, 1, 200);
-                if (n > 0) {
+                struct pollfd p[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = lfd, .events = POLLIN}};
+                int n = poll(p, lfd >= 0 ? 2 : 1, 200);
+                if (n > 0 && (p[0].revents & POLLIN)) {
                         struct signalfd_siginfo si;
                         if (read(sigfd, &si, sizeof(si)) < 0)
                                 log_debug("signalfd: %s", strerror(errno));
+                        stopping = true;
+                        if (!received)
+                                log_info("Waiting for the last blocks before suspending");
+                }
+                if (!received) {
+                        int got = instance_received(inst);
+                        if (got < 0) {
+                                log_error("%s", error_message());
+                                log_info("Serving the blocks that arrived until stopped; the VM cannot read the others");
+                                received = true; /* nothing more will come */
+                                status = 1;
+                                stopping = false;
+                                struct signalfd_siginfo si;
+                                if (read(sigfd, &si, sizeof(si)) < 0)
+                                        log_debug("signalfd: %s", strerror(errno));
+                                break;
+                        }
+                        if (got > 0) {
+                                received = true;
+                                log_info("Completed all device migrations");
+                        }
+                }
+                if (stopping && received) {
                         log_info("Suspending the VM");
                         status = 0;
                         if (instance_suspend(inst) < 0) {
@@ -114,11 +136,40 @@ int main(int argc, char **argv) {
                         }
                         break;
                 }
+                /* Offer the VM once it is complete here. */
+                if (received && *laddr && lfd < 0) {
+                        int port;
+                        if (transport_listen(laddr, &lfd, &port) < 0) {
+                                log_error("%s", error_message());
+                                break;
+                        }
+                        log_info("Serving on %s", laddr);
+                }
+                if (n > 0 && lfd >= 0 && (p[1].revents & POLLIN)) {
+                        int fd;
+                        if (transport_accept(lfd, 0, &fd) < 0)
+                                continue;
+                        log_info("Migrating the VM to a peer");
+                        struct migrate_stats st;
+                        r = instance_migrate_out(inst, fd, (unsigned)MIN(concurrency, 64), &st);
+                        close(fd);
+                        if (r >= 0) {
+                                status = 0;
+                                break;
+                        }
+                        log_error("migration failed: %s", error_message());
+                        if (st.authority_transferred)
+                                break;
+                        log_info("Kept the VM; serving on %s again", laddr);
+                        continue;
+                }
                 if (!instance_running(inst)) {
                         log_error("the VM stopped on its own");
                         break;
                 }
         }
+        if (lfd >= 0)
+                close(lfd);
         log_info("Shutting down");
         instance_free(inst);
 out:

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "drafter/device_config.h"
+#include "drafter/migrate.h"
 
 struct instance_options {
         const char *qemu_bin;     /* NULL: qemu-system-x86_64 */
@@ -41,7 +42,24 @@ struct instance;
  * called. */
 int instance_resume(const struct device_list *devices, const struct instance_options *options,
                     struct instance **ret_instance);
-/* Milliseconds from the start of instance_resume to the VM running again. */
+/* Receive a running VM from the peer at raddr: the devices stream in (those not here yet are
+ * read through the migration: reads wait for them), QEMU starts at once and waits; when the
+ * source hands over, the VM is restored and resumed and AfterResume called, while the remaining
+ * blocks arrive (post-copy) — or only once every block is here with disable_postcopy. */
+int instance_receive(const struct device_list *devices, const struct instance_options *options, const char *raddr,
+                     bool disable_postcopy, struct instance **ret_instance);
+/* After instance_receive: 1 once every block has arrived, 0 while blocks are still on their way,
+ * or the error that ended the migration. */
+int instance_received(struct instance *inst);
+/* After instance_receive: wait until every block has arrived (0) or the migration failed. */
+int instance_wait_received(struct instance *inst, struct migrate_stats *ret_stats);
+/* Migrate the running VM to the peer connected on fd: pre-copy while it runs, then suspend
+ * (BeforeSuspend, pause, state), the rest, hand-over. 0: the destination has it (our VM is
+ * stopped). On failure before the hand-over the VM runs on here (resumed, AfterResume); after
+ * it, it stays paused. */
+int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, struct migrate_stats *ret_stats);
+/* Milliseconds from the start of instance_resume (or, after instance_receive, from the source's
+ * hand-over) to the VM running again. */
 double instance_resume_ms(const struct instance *inst);
 /* Where the resume's time went, as one line. */
 void instance_resume_report(const struct instance *inst, char *buf, size_t size);

@@ -82,5 +82,7 @@ struct block_device *migrate_destination_device(struct migrate_destination *d, s
 struct block_device *migrate_destination_take_device(struct migrate_destination *d, size_t i);
 /* Wait for the end: 0 after COMPLETED_ACK was sent, or the error that ended it. */
 int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats *ret_stats);
+/* True once the migration has ended (completed or failed): migrate_destination_wait() will not block. */
+bool migrate_destination_finished(struct migrate_destination *d);
 /* Closes the devices too. */
 void migrate_destination_free(struct migrate_destination *d);

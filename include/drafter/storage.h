@@ -16,8 +16,14 @@
 
 #include "drafter/block_device.h"
 #include "drafter/device_config.h"
+#include "drafter/migrate_frame.h"
 
 int storage_open_device(const struct device_config *cfg, struct block_device **ret_dev);
+
+/* The device a migration fills: like storage_open_device(), but the block size must match the
+ * source's and a missing base is created empty (sparse) with the source's size. */
+int storage_open_received(const struct device_config *cfg, const struct migrate_device_info *info,
+                          struct block_device **ret_dev);
 
 /* Whether a migration must send every block of this device (false: only overlay blocks). */
 bool storage_device_sends_all(const struct device_config *cfg);

@@ -3,20 +3,26 @@
 #include "drafter/block_device.h"
 #include "drafter/cleanup.h"
 #include "drafter/clock.h"
+#include "drafter/cow_device.h"
+#include "drafter/dirty_tracker.h"
 #include "drafter/error.h"
 #include "drafter/fs.h"
 #include "drafter/fuse_export.h"
 #include "drafter/guestlink.h"
 #include "drafter/kernel_bundle.h"
 #include "drafter/log.h"
+#include "drafter/migrate.h"
 #include "drafter/storage.h"
+#include "drafter/transport.h"
 #include "drafter/vm_config.h"
 #include "drafter/vmm.h"
+#include "drafter/volatility_monitor.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -274,95 +280,131 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
 struct instance {
         const struct device_list *devices;
         struct instance_options options;
+        /* Per device, in --devices order: the top of its stack (dirty tracker over volatility
+         * monitor over storage or the migration's waiting cache), which owns what is below. */
         struct block_device **devs;
+        struct volatility_monitor **vms;
+        const struct bitmap **only; /* sharedbase: the overlay's presence bitmap */
         struct fuse_export *fx;
         struct vmm *vm;
+        struct migrate_destination *dest;
         struct vm_config cfg;
         size_t state, memory, config;
         char runtime[4096];
         char *kernel_path, *initrd_path;
+        uint64_t t0;
         double resume_ms;
         /* Where a resume's time went, in ms from the start of instance_resume. */
-        double t_prepared, t_qemu, t_restored, t_running, t_answered;
+        double t_prepared, t_qemu, t_handover, t_restored, t_running, t_answered;
+        pthread_mutex_t lock;
+        pthread_cond_t changed;
+        bool authority; /* a migration gave us the devices */
 };
 
 static size_t index_of(const struct device_list *devices, const char *name) {
         return (size_t)(device_list_find(devices, name) - devices->devices);
 }
 
-int instance_resume(const struct device_list *devices, const struct instance_options *o, struct instance **ret) {
-        uint64_t t0 = clock_now_ns();
-        int r = check_required(devices, "drafter-peer");
-        if (r < 0 || (r = device_list_check_inputs(devices, DEVICE_SCHEMA_PEER)) < 0)
-                return r;
+#define MS_SINCE(t) ((clock_now_ns() - (t)) / 1e6)
+
+static struct instance *instance_new(const struct device_list *devices, const struct instance_options *o) {
         struct instance *inst = calloc(1, sizeof(*inst));
-        if (!inst || !(inst->devs = calloc(devices->count, sizeof(*inst->devs)))) {
+        if (!inst)
+                return NULL;
+        inst->devs = calloc(devices->count, sizeof(*inst->devs));
+        inst->vms = calloc(devices->count, sizeof(*inst->vms));
+        inst->only = calloc(devices->count, sizeof(*inst->only));
+        if (!inst->devs || !inst->vms || !inst->only) {
+                free(inst->devs);
+                free(inst->vms);
+                free(inst->only);
                 free(inst);
-                return -ENOMEM;
+                return NULL;
         }
         inst->devices = devices;
         inst->options = *o;
+        inst->t0 = clock_now_ns();
         inst->state = index_of(devices, "state");
         inst->memory = index_of(devices, "memory");
         inst->config = index_of(devices, "config");
-        for (size_t i = 0; i < devices->count && r >= 0; i++)
-                r = storage_open_device(&devices->devices[i], &inst->devs[i]);
+        pthread_mutex_init(&inst->lock, NULL);
+        pthread_cond_init(&inst->changed, NULL);
+        return inst;
+}
 
+/* Dirty tracking (for a later migration out) on top of device i's bottom; takes the bottom. */
+static int stack_device(struct instance *inst, size_t i, struct block_device *bottom) {
+        const struct device_config *c = &inst->devices->devices[i];
+        struct block_device *vdev;
+        int r = volatility_monitor_new(block_device_block_count(bottom), (uint64_t)c->expiry_ns, clock_now_ns(),
+                                       &inst->vms[i]);
+        if (r < 0 || (r = volatility_device_wrap(bottom, inst->vms[i], &vdev)) < 0) {
+                block_device_close(bottom);
+                return r < 0 ? r : -ENOMEM;
+        }
+        if ((r = dirty_tracker_wrap(vdev, DIRTY_TRACK_AFTER_READ, &inst->devs[i])) < 0) {
+                block_device_close(vdev);
+                return r;
+        }
+        return 0;
+}
+
+/* config.json from its device, checked against the other devices. */
+static int load_config(struct instance *inst) {
+        const struct device_list *devices = inst->devices;
+        struct block_device *cdev = inst->devs[inst->config];
+        if (cdev->size > (1u << 20))
+                return error_set(-EINVAL, "config: %" PRIu64 " bytes is not a config.json", cdev->size);
+        _cleanup_free_ char *text = malloc(cdev->size + 1);
+        if (!text)
+                return -ENOMEM;
+        int r = block_device_read_at(cdev, text, cdev->size, 0);
+        if (r < 0 || (r = vm_config_parse(text, cdev->size, devices->devices[inst->config].base, &inst->cfg)) < 0)
+                return r;
         /* What made the snapshot decides what resumes it. */
-        _cleanup_free_ char *text = NULL;
-        struct block_device *cdev = r >= 0 ? inst->devs[inst->config] : NULL;
-        if (r >= 0 && cdev->size > (1u << 20))
-                r = error_set(-EINVAL, "config: %" PRIu64 " bytes is not a config.json", cdev->size);
-        if (r >= 0 && !(text = malloc(cdev->size + 1)))
-                r = -ENOMEM;
-        if (r >= 0 && (r = block_device_read_at(cdev, text, cdev->size, 0)) >= 0)
-                r = vm_config_parse(text, cdev->size, devices->devices[inst->config].base, &inst->cfg);
-        if (r >= 0 && strcmp(inst->cfg.backend, "qemu") != 0)
-                r = error_set(-EINVAL, "config: the snapshot was made by %s; this drafter-peer runs QEMU",
-                              inst->cfg.backend);
-        if (r >= 0 && strcmp(inst->cfg.accelerator, "tcg") != 0 && strcmp(inst->cfg.accelerator, "kvm") != 0)
-                r = error_set(-EINVAL, "config: unknown accelerator \"%s\"", inst->cfg.accelerator);
-        if (r >= 0 && inst->devs[inst->memory]->size != inst->cfg.memory_bytes)
-                r = error_set(-EINVAL, "memory: %" PRIu64 " bytes, config.json says %" PRIu64,
-                              inst->devs[inst->memory]->size, inst->cfg.memory_bytes);
-        if (r >= 0 && inst->cfg.state_bytes > inst->devs[inst->state]->size)
-                r = error_set(-EINVAL, "state: %" PRIu64 " bytes, config.json says the snapshot has %" PRIu64,
-                              inst->devs[inst->state]->size, inst->cfg.state_bytes);
-        for (int i = 0; r >= 0 && i < inst->cfg.drive_count; i++)
+        if (strcmp(inst->cfg.backend, "qemu") != 0)
+                return error_set(-EINVAL, "config: the snapshot was made by %s; this drafter-peer runs QEMU",
+                                 inst->cfg.backend);
+        if (strcmp(inst->cfg.accelerator, "tcg") != 0 && strcmp(inst->cfg.accelerator, "kvm") != 0)
+                return error_set(-EINVAL, "config: unknown accelerator \"%s\"", inst->cfg.accelerator);
+        if (inst->devs[inst->memory]->size != inst->cfg.memory_bytes)
+                return error_set(-EINVAL, "memory: %" PRIu64 " bytes, config.json says %" PRIu64,
+                                 inst->devs[inst->memory]->size, inst->cfg.memory_bytes);
+        if (inst->cfg.state_bytes > inst->devs[inst->state]->size)
+                return error_set(-EINVAL, "state: %" PRIu64 " bytes, config.json says the snapshot has %" PRIu64,
+                                 inst->devs[inst->state]->size, inst->cfg.state_bytes);
+        for (int i = 0; i < inst->cfg.drive_count; i++)
                 if (!device_list_find(devices, inst->cfg.drives[i]))
-                        r = error_set(-EINVAL, "devices: the snapshot has a disk \"%s\", --devices does not",
-                                      inst->cfg.drives[i]);
+                        return error_set(-EINVAL, "devices: the snapshot has a disk \"%s\", --devices does not",
+                                         inst->cfg.drives[i]);
+        return 0;
+}
 
-        if (r >= 0)
-                r = make_runtime_dir(o->runtime_base, "qemu", inst->runtime, sizeof(inst->runtime));
-        /* The devices as files: what QEMU maps (memory) and opens (disks). */
+/* Runtime directory, the devices as files (what QEMU maps and opens), the kernel, QEMU waiting
+ * for its state. */
+static int start_vmm(struct instance *inst) {
+        const struct device_list *devices = inst->devices;
+        const struct instance_options *o = &inst->options;
+        int r = make_runtime_dir(o->runtime_base, "qemu", inst->runtime, sizeof(inst->runtime));
+        if (r < 0)
+                return r;
         _cleanup_free_ struct fuse_export_device *files = calloc(devices->count, sizeof(*files));
-        if (r >= 0 && !files)
-                r = -ENOMEM;
-        for (size_t i = 0; r >= 0 && i < devices->count; i++)
+        if (!files)
+                return -ENOMEM;
+        for (size_t i = 0; i < devices->count; i++)
                 files[i] = (struct fuse_export_device){devices->devices[i].name, inst->devs[i], false};
         char mnt[4200];
         snprintf(mnt, sizeof(mnt), "%s/mnt", inst->runtime);
-        if (r >= 0)
-                r = fuse_export_start(mnt, files, devices->count, &inst->fx);
-        if (r >= 0)
-                r = kernel_bundle_extract(fuse_export_path(inst->fx, index_of(devices, "kernel")), inst->runtime,
-                                          &inst->kernel_path, &inst->initrd_path);
-        /* The exact state stream, out of its padded device. */
-        char raw[4200];
-        snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
-        if (r >= 0) {
-                _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
-                r = buf ? block_device_read_at(inst->devs[inst->state], buf, inst->cfg.state_bytes, 0) : -ENOMEM;
-                if (r >= 0)
-                        r = fs_write_file_atomic(raw, buf, inst->cfg.state_bytes);
-        }
+        if ((r = fuse_export_start(mnt, files, devices->count, &inst->fx)) < 0 ||
+            (r = kernel_bundle_extract(fuse_export_path(inst->fx, index_of(devices, "kernel")), inst->runtime,
+                                       &inst->kernel_path, &inst->initrd_path)) < 0)
+                return r;
         struct vmm_config mc = {.qemu_bin = o->qemu_bin,
                                 .runtime_dir = inst->runtime,
                                 .kernel = inst->kernel_path,
                                 .initrd = inst->initrd_path,
                                 .boot_args = inst->cfg.boot_args,
-                                .memory_path = r >= 0 ? fuse_export_path(inst->fx, inst->memory) : NULL,
+                                .memory_path = fuse_export_path(inst->fx, inst->memory),
                                 .memory_bytes = inst->cfg.memory_bytes,
                                 .cpus = (int)inst->cfg.cpu_count,
                                 .cpu_model = inst->cfg.cpu_model,
@@ -372,32 +414,204 @@ int instance_resume(const struct device_list *devices, const struct instance_opt
                                 .port_count = 2,
                                 .enable_output = o->enable_output,
                                 .enable_input = o->enable_input};
-        for (int i = 0; r >= 0 && i < inst->cfg.drive_count; i++)
+        for (int i = 0; i < inst->cfg.drive_count; i++)
                 mc.drives[mc.drive_count++] = (struct vmm_drive){
                         inst->cfg.drives[i], fuse_export_path(inst->fx, index_of(devices, inst->cfg.drives[i])), false};
-#define MS_SINCE(t) ((clock_now_ns() - (t)) / 1e6)
-        inst->t_prepared = MS_SINCE(t0);
-        if (r >= 0)
-                r = vmm_start(&mc, true, &inst->vm);
-        inst->t_qemu = MS_SINCE(t0);
-        if (r >= 0)
-                r = vmm_restore(inst->vm, raw);
-        inst->t_restored = MS_SINCE(t0);
-        if (r >= 0)
-                r = vmm_resume(inst->vm);
-        if (r >= 0) {
-                inst->resume_ms = inst->t_running = MS_SINCE(t0);
-                r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "AfterResume", o);
-                inst->t_answered = MS_SINCE(t0);
+        inst->t_prepared = MS_SINCE(inst->t0);
+        r = vmm_start(&mc, true, &inst->vm);
+        inst->t_qemu = MS_SINCE(inst->t0);
+        return r;
+}
+
+/* The exact state stream out of its padded device, loaded; the VM runs; AfterResume. */
+static int restore_and_resume(struct instance *inst, uint64_t since) {
+        inst->t_handover = MS_SINCE(inst->t0);
+        char raw[4200];
+        snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
+        _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
+        int r = buf ? block_device_read_at(inst->devs[inst->state], buf, inst->cfg.state_bytes, 0) : -ENOMEM;
+        if (r < 0 || (r = fs_write_file_atomic(raw, buf, inst->cfg.state_bytes)) < 0)
+                return r;
+        uint64_t t = clock_now_ns();
+        if ((r = vmm_restore(inst->vm, raw)) < 0)
+                return r;
+        inst->t_restored = MS_SINCE(inst->t0);
+        log_debug("state load %.1f ms", MS_SINCE(t));
+        if ((r = vmm_resume(inst->vm)) < 0)
+                return r;
+        inst->resume_ms = MS_SINCE(since);
+        inst->t_running = MS_SINCE(inst->t0);
+        r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "AfterResume", &inst->options);
+        inst->t_answered = MS_SINCE(inst->t0);
+        return r;
+}
+
+static int fail_instance(struct instance *inst, int r) {
+        char why[1024];
+        snprintf(why, sizeof(why), "%s", error_message());
+        instance_free(inst);
+        return error_set(r, "%s", why);
+}
+
+int instance_resume(const struct device_list *devices, const struct instance_options *o, struct instance **ret) {
+        int r = check_required(devices, "drafter-peer");
+        if (r < 0 || (r = device_list_check_inputs(devices, DEVICE_SCHEMA_PEER)) < 0)
+                return r;
+        struct instance *inst = instance_new(devices, o);
+        if (!inst)
+                return -ENOMEM;
+        for (size_t i = 0; i < devices->count && r >= 0; i++) {
+                struct block_device *bottom;
+                if ((r = storage_open_device(&devices->devices[i], &bottom)) >= 0 && (r = stack_device(inst, i, bottom)) >= 0 &&
+                    devices->devices[i].sharedbase && *devices->devices[i].overlay)
+                        inst->only[i] = cow_device_present(bottom);
         }
-        if (r < 0) {
-                char why[1024];
-                snprintf(why, sizeof(why), "%s", error_message());
-                instance_free(inst);
-                return error_set(r, "%s", why);
-        }
+        if (r < 0 || (r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0 ||
+            (r = restore_and_resume(inst, inst->t0)) < 0)
+                return fail_instance(inst, r);
         *ret = inst;
         return 0;
+}
+
+/* ---- live migration ---- */
+
+static int open_received(void *ctx, const struct migrate_device_info *info, struct block_device **ret) {
+        struct instance *inst = ctx;
+        const struct device_config *c = device_list_find(inst->devices, info->name);
+        if (!c)
+                return error_set(-ENOENT, "the source sends device \"%s\", which --devices does not list", info->name);
+        return storage_open_received(c, info, ret);
+}
+
+static int on_authority(void *ctx) {
+        struct instance *inst = ctx;
+        pthread_mutex_lock(&inst->lock);
+        inst->authority = true;
+        pthread_cond_broadcast(&inst->changed);
+        pthread_mutex_unlock(&inst->lock);
+        return 0;
+}
+
+int instance_receive(const struct device_list *devices, const struct instance_options *o, const char *raddr,
+                     bool disable_postcopy, struct instance **ret) {
+        int r = check_required(devices, "drafter-peer");
+        if (r < 0)
+                return r;
+        struct instance *inst = instance_new(devices, o);
+        if (!inst)
+                return -ENOMEM;
+        int fd;
+        log_info("Connecting to %s", raddr);
+        if ((r = transport_connect(raddr, 60000, &fd)) < 0)
+                return fail_instance(inst, r);
+        struct migrate_destination_config dcfg = {open_received, on_authority, inst, disable_postcopy, 0};
+        if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
+                return fail_instance(inst, r);
+        size_t n = migrate_destination_device_count(inst->dest);
+        for (size_t i = 0; i < n && r >= 0; i++) {
+                const struct device_config *c = device_list_find(devices, migrate_destination_device_info(inst->dest, i)->name);
+                r = stack_device(inst, (size_t)(c - devices->devices), migrate_destination_take_device(inst->dest, i));
+        }
+        for (size_t i = 0; i < devices->count && r >= 0; i++)
+                if (!inst->devs[i])
+                        r = error_set(-EINVAL, "devices: the source does not send \"%s\"", devices->devices[i].name);
+        /* The VMM starts now, while the blocks stream in: its start-up is off the downtime path.
+         * Reads of blocks not here yet wait for them (and ask for them first). */
+        if (r < 0 || (r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
+                return fail_instance(inst, r);
+        log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
+        pthread_mutex_lock(&inst->lock);
+        while (!inst->authority) {
+                struct timespec ts;
+                clock_deadline_after(100 * NSEC_PER_MSEC, &ts);
+                pthread_cond_timedwait(&inst->changed, &inst->lock, &ts);
+                pthread_mutex_unlock(&inst->lock);
+                /* A migration that ended without handing over is a failure. */
+                if (!inst->authority && migrate_destination_finished(inst->dest)) {
+                        r = migrate_destination_wait(inst->dest, NULL);
+                        return fail_instance(inst, r < 0 ? r : error_set(-EPROTO, "the source ended without handing over"));
+                }
+                pthread_mutex_lock(&inst->lock);
+        }
+        pthread_mutex_unlock(&inst->lock);
+        uint64_t handover = clock_now_ns();
+        /* The source rewrote config.json with the final state's size. */
+        if ((r = load_config(inst)) < 0 || (r = restore_and_resume(inst, handover)) < 0)
+                return fail_instance(inst, r);
+        *ret = inst;
+        return 0;
+}
+
+int instance_received(struct instance *inst) {
+        if (!inst->dest)
+                return 1;
+        if (!migrate_destination_finished(inst->dest))
+                return 0;
+        int r = migrate_destination_wait(inst->dest, NULL);
+        return r < 0 ? r : 1;
+}
+
+int instance_wait_received(struct instance *inst, struct migrate_stats *ret_stats) {
+        if (!inst->dest)
+                return 0;
+        int r = migrate_destination_wait(inst->dest, ret_stats);
+        /* The devices are complete (or never will be): the migration's thread is done with them. */
+        return r;
+}
+
+static int before_collect(void *ctx) {
+        struct instance *inst = ctx;
+        return fuse_export_sync(inst->fx);
+}
+
+static int suspend_hook(void *ctx) {
+        return instance_suspend(ctx);
+}
+
+int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, struct migrate_stats *ret_stats) {
+        const struct device_list *devices = inst->devices;
+        _cleanup_free_ struct migrate_source_device *devs = calloc(devices->count, sizeof(*devs));
+        if (!devs)
+                return -ENOMEM;
+        for (size_t i = 0; i < devices->count; i++) {
+                const struct device_config *c = &devices->devices[i];
+                devs[i] = (struct migrate_source_device){c->name, inst->devs[i], inst->vms[i], inst->only[i],
+                                                         c->max_dirty_blocks, c->min_cycles, c->max_cycles,
+                                                         c->cycle_throttle_ns};
+        }
+        struct migrate_source_config cfg = {.devices = devs,
+                                            .count = devices->count,
+                                            .before_collect = before_collect,
+                                            .suspend = suspend_hook,
+                                            .ctx = inst,
+                                            .compress = true,
+                                            .progress = true,
+                                            .concurrency = concurrency};
+        struct migrate_stats st = {0};
+        int r = migrate_source_run(fd, &cfg, &st);
+        if (ret_stats)
+                *ret_stats = st;
+        if (r >= 0) {
+                log_info("Completed all device migrations (%" PRIu64 " cycles, %" PRIu64 " blocks, %.1f MB, "
+                         "suspended for %.1f ms before the hand-over, %.1f ms in all)",
+                         st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.suspend_ns / 1e6, st.total_ns / 1e6);
+                vmm_stop(inst->vm);
+                return 0;
+        }
+        char why[1024];
+        snprintf(why, sizeof(why), "%s", error_message());
+        if (st.authority_transferred)
+                return error_set(r, "%s; the VM stays paused here (the destination may be running it)", why);
+        /* We kept the devices: the VM runs on here, if it was paused. */
+        const char *status = NULL;
+        if (vmm_status(inst->vm, &status) >= 0 && strcmp(status, "running") != 0) {
+                int e = vmm_resume(inst->vm);
+                if (e >= 0)
+                        e = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "AfterResume", &inst->options);
+                if (e < 0)
+                        log_error("resuming the VM after the failed migration: %s", error_message());
+        }
+        return error_set(r, "%s", why);
 }
 
 double instance_resume_ms(const struct instance *inst) {
@@ -405,6 +619,14 @@ double instance_resume_ms(const struct instance *inst) {
 }
 
 void instance_resume_report(const struct instance *inst, char *buf, size_t size) {
+        if (inst->dest) {
+                snprintf(buf, size,
+                         "QEMU started %.1f ms after connecting, hand-over after %.1f ms; from the hand-over: "
+                         "state read and loaded %.1f ms, running %.1f ms; AfterResume answered %.1f ms after it",
+                         inst->t_qemu, inst->t_handover, inst->t_restored - inst->t_handover,
+                         inst->t_running - inst->t_handover, inst->t_answered - inst->t_handover);
+                return;
+        }
         snprintf(buf, size,
                  "devices, FUSE and state %.1f ms, QEMU start %.1f ms, state load %.1f ms, resume %.1f ms; "
                  "the guest's agent answered AfterResume after %.1f ms in all",
@@ -462,6 +684,8 @@ void instance_free(struct instance *inst) {
                 return;
         vmm_free(inst->vm);
         fuse_export_stop(inst->fx);
+        /* Stops the receiving thread before the devices it writes to are closed. */
+        migrate_destination_free(inst->dest);
         for (size_t i = 0; inst->devs && i < inst->devices->count; i++) {
                 if (!inst->devs[i])
                         continue;
@@ -469,7 +693,13 @@ void instance_free(struct instance *inst) {
                         log_error("%s", error_message());
                 block_device_close(inst->devs[i]);
         }
+        for (size_t i = 0; inst->vms && i < inst->devices->count; i++)
+                volatility_monitor_free(inst->vms[i]);
         free(inst->devs);
+        free(inst->vms);
+        free(inst->only);
+        pthread_mutex_destroy(&inst->lock);
+        pthread_cond_destroy(&inst->changed);
         free(inst->kernel_path);
         free(inst->initrd_path);
         remove_runtime_dir(inst->runtime);

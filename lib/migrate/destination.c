@@ -35,6 +35,7 @@ struct destination {
         pthread_t thread;
         bool thread_running;
         bool authority; /* we own the devices (AUTHORITY_ACK sent) */
+        bool finished;  /* the receiving thread has ended */
         bool authority_pending;
         int result;
         char message[1024];
@@ -239,6 +240,7 @@ static void *receive_thread(void *arg) {
         d->result = r < 0 ? r : 0;
         d->stats.total_ns = clock_now_ns() - t0;
         migrate_reader_free(&reader);
+        __atomic_store_n(&d->finished, true, __ATOMIC_RELEASE);
         return NULL;
 }
 
@@ -375,6 +377,10 @@ struct block_device *migrate_destination_take_device(struct migrate_destination 
                 return NULL;
         d->taken[i] = true;
         return d->devs[i];
+}
+
+bool migrate_destination_finished(struct migrate_destination *dest) {
+        return __atomic_load_n(&((struct destination *)dest)->finished, __ATOMIC_ACQUIRE);
 }
 
 int migrate_destination_wait(struct migrate_destination *dest, struct migrate_stats *ret_stats) {

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Live migration of a running VM between two drafter-peer processes: A resumes the package and
+# offers it (--laddr), B receives it (--raddr) into empty files. The guest's counter (printed
+# every 100 ms) must carry on at B from where it was at A — the next number or the one after,
+# no reboot — with pre-copy and post-copy, pre-copy only (--disable-postcopy-migration) and
+# post-copy only (no cycles); A exits cleanly once B has everything, and B suspends cleanly.
+. "$(dirname "$0")/lib.sh"
+need qemu-system-x86_64 python3
+[[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
+: "${DRAFTER_SNAPSHOTTER:?}" "${DRAFTER_PEER:?}" "${DRAFTER_AGENT:?}" "${DRAFTER_LIVENESS:?}"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+CACHE=${DRAFTER_GUEST_CACHE:-/var/tmp/drafter-guest-cache}
+BP=$CACHE/blueprint-vm-live-migrate
+"$ROOT/guest/build" --agent "$DRAFTER_AGENT" --liveness "$DRAFTER_LIVENESS" --out "$BP" --cache "$CACHE" \
+        >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
+P=$WORK/package
+python3 - "$BP" "$P" >"$WORK/snap.json" <<'PY'
+import json, sys
+bp, out = sys.argv[1:3]
+devs = [("state", "", "state.bin"), ("memory", "", "memory.bin"), ("kernel", "vmlinux", "vmlinux"),
+        ("disk", "rootfs.ext4", "rootfs.ext4"), ("config", "", "config.json"), ("oci", "oci.ext4", "oci.ext4")]
+print(json.dumps([{"name": n, "input": f"{bp}/{i}" if i else "", "output": f"{out}/{o}"} for n, i, o in devs]))
+PY
+"$DRAFTER_SNAPSHOTTER" --devices "$(cat "$WORK/snap.json")" --memory-size 256 --chroot-base-dir "$WORK/vms" \
+        >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
+
+devices() { # base-dir instance-dir maxDirty minCycles maxCycles throttle
+        python3 - "$@" <<'PY'
+import json, sys
+base, inst, md, mn, mx, th = sys.argv[1:7]
+files = {"state": "state.bin", "memory": "memory.bin", "kernel": "vmlinux", "disk": "rootfs.ext4",
+         "config": "config.json", "oci": "oci.ext4"}
+print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay/{f}", "state": f"{inst}/state/{f}",
+                   "blockSize": 65536, "maxDirtyBlocks": int(md), "minCycles": int(mn), "maxCycles": int(mx),
+                   "cycleThrottle": int(th)} for n, f in files.items()]))
+PY
+}
+counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
+wait_counts() { # file n pid
+        for _ in $(seq 1 600); do
+                [[ $(counts "$1" | wc -l) -ge $2 ]] && return 0
+                kill -0 "$3" 2>/dev/null || break
+                sleep 0.1
+        done
+        tail -20 "$1"; fail "fewer than $2 counts in $1"
+}
+
+run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
+        local label=$1 flags=$2
+        shift 2
+        echo "--- $label"
+        rm -rf "$WORK/a" "$WORK/b" "$WORK/a.sock"
+        "$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a" "$@")" --chroot-base-dir "$WORK/vms" \
+                --laddr "unix:$WORK/a.sock" >"$WORK/a.out" 2>"$WORK/a.log" &
+        local A=$!
+        on_exit "kill -9 $A 2>/dev/null"
+        wait_counts "$WORK/a.out" 3 $A
+        # shellcheck disable=SC2086
+        "$DRAFTER_PEER" --devices "$(devices "$WORK/b/package" "$WORK/b" "$@")" --chroot-base-dir "$WORK/vms" \
+                --raddr "unix:$WORK/a.sock" $flags >"$WORK/b.out" 2>"$WORK/b.log" &
+        local B=$!
+        on_exit "kill -9 $B 2>/dev/null"
+        timeout 120 tail --pid=$A -f /dev/null || { cat "$WORK/a.log"; fail "$label: A did not finish"; }
+        wait $A || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: A failed"; }
+        wait_counts "$WORK/b.out" 3 $B
+        local last first
+        last=$(counts "$WORK/a.out" | tail -1)
+        first=$(counts "$WORK/b.out" | head -1)
+        (( first > last && first <= last + 2 )) || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: counter $last at A, $first at B"; }
+        grep -q "Welcome to DrafterOS" "$WORK/b.out" && fail "$label: the guest rebooted at B"
+        for _ in $(seq 1 300); do grep -q "Completed all device migrations" "$WORK/b.log" && break; sleep 0.1; done
+        kill -INT $B
+        timeout 60 tail --pid=$B -f /dev/null || fail "$label: B did not stop"
+        wait $B || { cat "$WORK/b.log"; fail "$label: B failed"; }
+        echo "counter $last at A -> $first at B"
+        grep "Completed all device migrations (" "$WORK/a.log" | sed 's/^[0-9/: ]*/  A: /'
+        grep "Resumed VM in" "$WORK/b.log" | sed 's/^[0-9/: ]*/  B: /'
+}
+
+run_mode "pre-copy and post-copy" "" 200 1 3 100000000
+run_mode "pre-copy only" --disable-postcopy-migration 200 1 3 100000000
+run_mode "post-copy only" "" 0 0 0 0
+! pgrep -f "qemu-system-x86_64.*$WORK" >/dev/null || fail "QEMU processes left behind"
+! grep -q "$WORK" /proc/mounts || fail "mounts left behind"
+echo "ok"
