@@ -3,7 +3,9 @@
 #  1. the destination is SIGKILLed during pre-copy: the source's VM keeps running (its counter
 #     advances), the source reports the error, and a second migration to a new peer succeeds;
 #  2. that VM then goes on along a chain B -> C -> A' (each peer receives and offers onward),
-#     and the counter continues at every hop.
+#     and the counter continues at every hop;
+#  3. then ping-pong: 10 more hops between two sides, each hop a new peer process with a fresh
+#     overlay over its side's base file (created empty by the side's first receiver).
 . "$(dirname "$0")/lib.sh"
 need qemu-system-x86_64 python3
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
@@ -95,11 +97,24 @@ peer C "$WORK/c/package" "127.0.0.1:$PB" "127.0.0.1:$PC" 1 100000000
 finished B
 wait_counts "$WORK/C.out" 3 "$PID_C"
 continued B C
-peer A2 "$WORK/a2/package" "127.0.0.1:$PC" "" 1 100000000
+PA2=$(port)
+peer A2 "$WORK/a2/package" "127.0.0.1:$PC" "127.0.0.1:$PA2" 1 100000000
 finished C
 wait_counts "$WORK/A2.out" 3 "$PID_A2"
 continued C A2
-kill -INT "$PID_A2"
-finished A2
+
+# 3. Ping-pong between the files of P0 and P1.
+prev=A2 prev_port=$PA2
+for hop in $(seq 1 "${PINGPONG:-10}"); do
+        name=H$hop side=p$((hop % 2)) next_port=$(port)
+        peer "$name" "$WORK/$side/package" "127.0.0.1:$prev_port" "127.0.0.1:$next_port" 1 100000000
+        finished "$prev"
+        wait_counts "$WORK/$name.out" 3 "$(eval echo "\$PID_$name")"
+        continued "$prev" "$name"
+        rm -rf "$WORK/$prev" # the finished peer's overlay
+        prev=$name prev_port=$next_port
+done
+kill -INT "$(eval echo "\$PID_$prev")"
+finished "$prev"
 ! pgrep -f "qemu-system-x86_64.*$WORK" >/dev/null || fail "QEMU processes left behind"
 echo "ok"
