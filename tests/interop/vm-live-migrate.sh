@@ -4,14 +4,20 @@
 # every 100 ms) must carry on at B from where it was at A — the next number or the one after,
 # no reboot — with pre-copy and post-copy, pre-copy only (--disable-postcopy-migration) and
 # post-copy only (no cycles); A exits cleanly once B has everything, and B suspends cleanly.
+# The app also appends a line per count to a file on its disk (the oci device): after B has
+# suspended (BeforeSuspend syncs the guest's file systems), B's copy of that disk passes e2fsck and
+# holds every line, in order, up to at least the last count A printed.
 . "$(dirname "$0")/lib.sh"
-need qemu-system-x86_64 python3
+need qemu-system-x86_64 python3 qemu-img e2fsck debugfs
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
 : "${DRAFTER_SNAPSHOTTER:?}" "${DRAFTER_PEER:?}" "${DRAFTER_AGENT:?}" "${DRAFTER_LIVENESS:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${DRAFTER_GUEST_CACHE:-/var/tmp/drafter-guest-cache}
 BP=$CACHE/blueprint-vm-live-migrate
+printf '%s\n' "DRAFTER_BEFORE_SUSPEND_CMD='sync'" >"$WORK/agent.conf"
 "$ROOT/guest/build" --agent "$DRAFTER_AGENT" --liveness "$DRAFTER_LIVENESS" --out "$BP" --cache "$CACHE" \
+        --agent-conf "$WORK/agent.conf" \
+        --app-cmd 'i=0; while :; do i=$((i+1)); echo "count $i"; echo "line $i" >> /data.log; sleep 0.1; done' \
         >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
 P=$WORK/package
 python3 - "$BP" "$P" >"$WORK/snap.json" <<'PY'
@@ -72,6 +78,30 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         kill -INT $B
         timeout 60 tail --pid=$B -f /dev/null || fail "$label: B did not stop"
         wait $B || { cat "$WORK/b.log"; fail "$label: B failed"; }
+        # B's disk, read back through its overlay: a clean file system with every line.
+        local devs
+        devs=$(python3 -c 'import json,sys; print(json.dumps([{"name": "oci", "base": sys.argv[1] + "/package/oci.ext4", "overlay": sys.argv[1] + "/overlay/oci.ext4", "state": sys.argv[1] + "/state/oci.ext4", "blockSize": 65536}]))' "$WORK/b")
+        rm -f "$WORK/nbd.sock" "$WORK/oci.img"
+        "$DRAFTER_EXPOSE" --devices "$devs" --nbd-unix "$WORK/nbd.sock" --read-only 2>"$WORK/expose.log" &
+        local X=$!
+        for _ in $(seq 1 100); do [[ -S "$WORK/nbd.sock" ]] && break; sleep 0.05; done
+        qemu-img convert -f raw -O raw "nbd+unix:///oci?socket=$WORK/nbd.sock" "$WORK/oci.img" || fail "$label: cannot read B's disk"
+        kill -INT $X; wait $X || true
+        local fsck=0
+        e2fsck -fy "$WORK/oci.img" >"$WORK/fsck.log" 2>&1 || fsck=$?
+        (( fsck <= 1 )) || { cat "$WORK/fsck.log"; fail "$label: B's disk fails e2fsck ($fsck)"; }
+        debugfs -R "cat /rootfs/data.log" "$WORK/oci.img" 2>/dev/null >"$WORK/data.log"
+        python3 - "$WORK/data.log" "$last" <<'PY' || fail "$label: the app's file on B's disk is wrong"
+import sys
+lines = open(sys.argv[1]).read().split("\n")[:-1]
+want = [f"line {i}" for i in range(1, len(lines) + 1)]
+if lines != want:
+    bad = next(i for i, (a, b) in enumerate(zip(lines, want)) if a != b) if len(lines) else 0
+    sys.exit(f"line {bad + 1} is {lines[bad]!r}")
+if len(lines) < int(sys.argv[2]):
+    sys.exit(f"{len(lines)} lines, but A had counted to {sys.argv[2]}")
+print(f"  B's disk: e2fsck clean, data.log has lines 1-{len(lines)} in order")
+PY
         echo "counter $last at A -> $first at B"
         grep "Completed all device migrations (" "$WORK/a.log" | sed 's/^[0-9/: ]*/  A: /'
         grep "Resumed VM in" "$WORK/b.log" | sed 's/^[0-9/: ]*/  B: /'
