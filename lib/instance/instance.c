@@ -565,6 +565,7 @@ static int before_collect(void *ctx) {
 }
 
 static int suspend_hook(void *ctx) {
+        log_info("Suspending the VM for the hand-over");
         return instance_suspend(ctx);
 }
 
