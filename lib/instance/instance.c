@@ -483,6 +483,26 @@ static int open_received(void *ctx, const struct migrate_device_info *info, stru
         return storage_open_received(c, info, ret);
 }
 
+/* A failure while the devices stream in is usually the migration's: say that, with what we were
+ * doing when a read of a block that will never come failed. */
+static int receive_failed(struct instance *inst, int r) {
+        for (int i = 0; i < 200 && inst->dest && !migrate_destination_finished(inst->dest); i++)
+                clock_sleep_ns(10 * NSEC_PER_MSEC);
+        if (inst->dest && migrate_destination_finished(inst->dest)) {
+                char what[1024];
+                snprintf(what, sizeof(what), "%s", error_message());
+                int m = migrate_destination_wait(inst->dest, NULL);
+                if (m < 0) {
+                        char why[1024];
+                        snprintf(why, sizeof(why), "%s", error_message());
+                        r = error_set(m, "%s (while receiving the VM: %s)", why, what);
+                } else {
+                        error_set(r, "%s", what);
+                }
+        }
+        return fail_instance(inst, r);
+}
+
 static int on_authority(void *ctx) {
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
@@ -518,7 +538,7 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         /* The VMM starts now, while the blocks stream in: its start-up is off the downtime path.
          * Reads of blocks not here yet wait for them (and ask for them first). */
         if (r < 0 || (r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
-                return fail_instance(inst, r);
+                return receive_failed(inst, r);
         log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
         pthread_mutex_lock(&inst->lock);
         while (!inst->authority) {
@@ -537,7 +557,7 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         uint64_t handover = clock_now_ns();
         /* The source rewrote config.json with the final state's size. */
         if ((r = load_config(inst)) < 0 || (r = restore_and_resume(inst, handover)) < 0)
-                return fail_instance(inst, r);
+                return receive_failed(inst, r);
         *ret = inst;
         return 0;
 }

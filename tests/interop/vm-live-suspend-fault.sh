@@ -2,7 +2,9 @@
 # The destination of a live migration dies during the source's suspend step (the guest's
 # BeforeSuspend hook takes 2 s here, so there is time to kill it): the source has not handed
 # anything over, so it resumes its VM (the counter advances again), reports the error, and a
-# second migration to a new destination succeeds with the counter continuing.
+# second migration to a new destination succeeds with the counter continuing. Before that, the
+# link is cut during pre-copy (a proxy closes it after 20 MB): the source's VM runs on and the
+# destination fails with a clear error.
 . "$(dirname "$0")/lib.sh"
 need qemu-system-x86_64 python3
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
@@ -42,6 +44,29 @@ counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9]
 A=$!
 on_exit "kill -9 $A 2>/dev/null"
 for _ in $(seq 1 300); do grep -q "Serving on" "$WORK/a.log" 2>/dev/null && break; sleep 0.1; done
+
+# The link is cut during pre-copy.
+python3 "$(dirname "$0")/link-proxy.py" "$WORK/p.sock" "$WORK/a.sock" cut:20000000 &
+PROXY=$!
+on_exit "kill -9 $PROXY 2>/dev/null"
+for _ in $(seq 1 100); do [[ -S "$WORK/p.sock" ]] && break; sleep 0.05; done
+rc=0
+timeout 120 "$DRAFTER_PEER" --devices "$(devices "$WORK/x/package" "$WORK/x")" --chroot-base-dir "$WORK/vms" \
+        --raddr "unix:$WORK/p.sock" >"$WORK/x.out" 2>"$WORK/x.log" || rc=$?
+[[ $rc == 1 ]] || { cat "$WORK/x.log"; fail "the cut-off destination exited $rc, expected 1"; }
+grep -q "error: .*connection" "$WORK/x.log" || { cat "$WORK/x.log"; fail "no clear error on the cut-off destination"; }
+grep "error: " "$WORK/x.log" | head -1 | sed 's/^[0-9/: ]*/cut-off destination: /'
+for _ in $(seq 1 300); do grep -q "Kept the VM" "$WORK/a.log" && break; sleep 0.1; done
+grep -q "Kept the VM; serving" "$WORK/a.log" || { cat "$WORK/a.log"; fail "A did not keep its VM after the cut"; }
+before=$(counts "$WORK/a.out" | tail -1)
+sleep 1
+after=$(counts "$WORK/a.out" | tail -1)
+(( after > before )) || fail "A's VM stopped after the cut ($before, $after)"
+echo "link cut during pre-copy: A's VM runs on (counter $before -> $after)"
+! grep -q "$WORK/vms" /proc/mounts || [[ $(grep -c "$WORK/vms" /proc/mounts) == 1 ]] ||
+        fail "the cut-off destination left a mount behind"
+
+# The destination dies during the suspend step.
 "$DRAFTER_PEER" --devices "$(devices "$WORK/b/package" "$WORK/b")" --chroot-base-dir "$WORK/vms" \
         --raddr "unix:$WORK/a.sock" >"$WORK/b.out" 2>"$WORK/b.log" &
 B=$!
@@ -50,9 +75,9 @@ for _ in $(seq 1 600); do grep -q "Suspending the VM for the hand-over" "$WORK/a
 grep -q "Suspending the VM for the hand-over" "$WORK/a.log" || { cat "$WORK/a.log"; fail "A never reached its suspend step"; }
 sleep 0.5
 kill -9 $B
-for _ in $(seq 1 300); do grep -q "Kept the VM" "$WORK/a.log" && break; sleep 0.1; done
-grep -q "Kept the VM; serving" "$WORK/a.log" || { cat "$WORK/a.log"; fail "A did not keep its VM"; }
-grep -o "migration failed: .*" "$WORK/a.log" | head -1 | sed 's/^/A: /'
+for _ in $(seq 1 300); do [[ $(grep -c "Kept the VM" "$WORK/a.log") -ge 2 ]] && break; sleep 0.1; done
+[[ $(grep -c "Kept the VM; serving" "$WORK/a.log") -ge 2 ]] || { cat "$WORK/a.log"; fail "A did not keep its VM"; }
+grep -o "migration failed: .*" "$WORK/a.log" | tail -1 | sed 's/^/A: /'
 before=$(counts "$WORK/a.out" | tail -1)
 sleep 1.5
 after=$(counts "$WORK/a.out" | tail -1)
