@@ -4,6 +4,7 @@
 #include "drafter/device_config.h"
 #include "drafter/error.h"
 #include "drafter/flags.h"
+#include "drafter/fs.h"
 #include "drafter/instance.h"
 #include "drafter/log.h"
 #include "drafter/transport.h"
@@ -26,6 +27,7 @@ static const char default_devices[] = "[" DEVICE_FIELDS("state", "state.bin") ",
 
 int main(int argc, char **argv) {
         const char *devices_json = default_devices, *chroot_base = "out/vms", *raddr = "", *laddr = "";
+        const char *json_summary = "";
         const char *firecracker_bin = "firecracker", *qemu_bin = "qemu-system-x86_64", *vmm = "qemu", *netns = "";
         int64_t cgroup_version = 2, concurrency = 1024;
         int64_t resume_timeout = 60 * NSEC_PER_SEC, agent_timeout = 10 * NSEC_PER_SEC;
@@ -41,6 +43,8 @@ int main(int argc, char **argv) {
                 {"enable-input", FLAG_BOOL, &enable_input, "Whether to enable VM stdin"},
                 {"enable-output", FLAG_BOOL, &enable_output, "Whether to enable VM stdout and stderr"},
                 {"firecracker-bin", FLAG_STRING, &firecracker_bin, "Firecracker binary"},
+                {"json-summary", FLAG_STRING, &json_summary,
+                 "File to write a JSON summary of the run's timings to when it ends (leave empty to disable)"},
                 {"laddr", FLAG_STRING, &laddr, "Local address to listen on (leave empty to disable)"},
                 {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in (networking: not yet)"},
                 {"qemu-bin", FLAG_STRING, &qemu_bin, "QEMU binary"},
@@ -97,7 +101,8 @@ int main(int argc, char **argv) {
         char report[512];
         instance_resume_report(inst, report, sizeof(report));
         log_info("Resumed VM in %.1f ms (%s)", instance_resume_ms(inst), report);
-        bool received = !*raddr, stopping = false;
+        bool received = !*raddr, stopping = false, migrated = false;
+        struct migrate_stats out_stats = {0};
         for (;;) {
                 struct pollfd p[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = lfd, .events = POLLIN}};
                 int n = poll(p, lfd >= 0 ? 2 : 1, 200);
@@ -152,6 +157,8 @@ int main(int argc, char **argv) {
                         log_info("Migrating the VM to a peer");
                         struct migrate_stats st;
                         r = instance_migrate_out(inst, fd, (unsigned)MIN(concurrency, 64), &st);
+                        out_stats = st;
+                        migrated = true;
                         close(fd);
                         if (r >= 0) {
                                 status = 0;
@@ -170,6 +177,11 @@ int main(int argc, char **argv) {
         }
         if (lfd >= 0)
                 close(lfd);
+        if (*json_summary) {
+                _cleanup_free_ char *text = instance_summary_json(inst, migrated ? &out_stats : NULL);
+                if (!text || fs_write_file_atomic(json_summary, text, strlen(text)) < 0)
+                        log_error("--json-summary %s: %s", json_summary, text ? error_message() : "out of memory");
+        }
         log_info("Shutting down");
         instance_free(inst);
 out:

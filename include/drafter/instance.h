@@ -63,6 +63,9 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
 double instance_resume_ms(const struct instance *inst);
 /* Where the resume's time went, as one line. */
 void instance_resume_report(const struct instance *inst, char *buf, size_t size);
+/* A JSON object (malloc'd) with this instance's timings: how it started (resume or a received
+ * migration, with the hand-over's phases) and, if given, the stats of a migration out. */
+char *instance_summary_json(const struct instance *inst, const struct migrate_stats *out);
 /* True while the VM runs. */
 bool instance_running(struct instance *inst);
 /* BeforeSuspend, pause, and write the VM back into its devices (state, memory, config): the

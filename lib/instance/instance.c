@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <jansson.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -653,6 +654,25 @@ void instance_resume_report(const struct instance *inst, char *buf, size_t size)
                  "the guest's agent answered AfterResume after %.1f ms in all",
                  inst->t_prepared, inst->t_qemu - inst->t_prepared, inst->t_restored - inst->t_qemu,
                  inst->t_running - inst->t_restored, inst->t_answered);
+}
+
+char *instance_summary_json(const struct instance *inst, const struct migrate_stats *out) {
+        json_t *j = json_pack("{s:s,s:f,s:f,s:f,s:f,s:f,s:f}", "started", inst->dest ? "received" : "resumed",
+                              "resumeMs", inst->resume_ms, "qemuReadyMs", inst->t_qemu, "handoverMs",
+                              inst->t_handover, "restoredMs", inst->t_restored, "runningMs", inst->t_running,
+                              "afterResumeAnsweredMs", inst->t_answered);
+        if (j && out)
+                json_object_set_new(
+                        j, "migratedOut",
+                        json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f}", "completed", out->completed, "cycles",
+                                  (json_int_t)out->cycles, "blocksSent", (json_int_t)out->blocks_sent, "bytesSent",
+                                  (json_int_t)out->bytes_sent, "finalDirtyBlocks", (json_int_t)out->final_dirty_blocks,
+                                  "needAtServed", (json_int_t)out->need_at_served, "bulkMs", out->bulk_ns / 1e6,
+                                  "cyclesMs", out->cycles_ns / 1e6, "suspendMs", out->suspend_ns / 1e6, "totalMs",
+                                  out->total_ns / 1e6));
+        char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
+        json_decref(j);
+        return text;
 }
 
 bool instance_running(struct instance *inst) {

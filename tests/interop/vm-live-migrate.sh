@@ -57,13 +57,13 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         echo "--- $label"
         rm -rf "$WORK/a" "$WORK/b" "$WORK/a.sock"
         "$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a" "$@")" --chroot-base-dir "$WORK/vms" \
-                --laddr "unix:$WORK/a.sock" >"$WORK/a.out" 2>"$WORK/a.log" &
+                --laddr "unix:$WORK/a.sock" --json-summary "$WORK/a.json" >"$WORK/a.out" 2>"$WORK/a.log" &
         local A=$!
         on_exit "kill -9 $A 2>/dev/null"
         wait_counts "$WORK/a.out" 3 $A
         # shellcheck disable=SC2086
         "$DRAFTER_PEER" --devices "$(devices "$WORK/b/package" "$WORK/b" "$@")" --chroot-base-dir "$WORK/vms" \
-                --raddr "unix:$WORK/a.sock" $flags >"$WORK/b.out" 2>"$WORK/b.log" &
+                --raddr "unix:$WORK/a.sock" --json-summary "$WORK/b.json" $flags >"$WORK/b.out" 2>"$WORK/b.log" &
         local B=$!
         on_exit "kill -9 $B 2>/dev/null"
         timeout 120 tail --pid=$A -f /dev/null || { cat "$WORK/a.log"; fail "$label: A did not finish"; }
@@ -101,6 +101,16 @@ if lines != want:
 if len(lines) < int(sys.argv[2]):
     sys.exit(f"{len(lines)} lines, but A had counted to {sys.argv[2]}")
 print(f"  B's disk: e2fsck clean, data.log has lines 1-{len(lines)} in order")
+PY
+        # The machine-readable summaries agree with the logs.
+        python3 - "$WORK/a.json" "$WORK/b.json" <<'PY' || fail "$label: bad --json-summary"
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+out = a["migratedOut"]
+assert out["completed"] and out["suspendMs"] > 0 and out["bytesSent"] > 0, a
+assert b["started"] == "received" and 0 < b["resumeMs"] < 10000 and b["handoverMs"] > 0, b
+print(f"  summary: A paused {out['suspendMs']:.1f} ms, sent {out['bytesSent'] / 1e6:.1f} MB in {out['totalMs']:.0f} ms; "
+      f"B running {b['resumeMs']:.1f} ms after the hand-over")
 PY
         echo "counter $last at A -> $first at B"
         grep "Completed all device migrations (" "$WORK/a.log" | sed 's/^[0-9/: ]*/  A: /'
