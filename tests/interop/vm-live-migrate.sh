@@ -7,8 +7,12 @@
 # The app also appends a line per count to a file on its disk (the oci device): after B has
 # suspended (BeforeSuspend syncs the guest's file systems), B's copy of that disk passes e2fsck and
 # holds every line, in order, up to at least the last count A printed.
+# With WORKLOAD=memcheck (interop/vm-live-memcheck) the app is drafter-memcheck instead: it
+# rewrites 64 MiB at 32 MiB/s and verifies the whole region after every step, with a counter;
+# its counter must continue and no check may fail, before or after the migration.
 . "$(dirname "$0")/lib.sh"
-need qemu-system-x86_64 python3 qemu-img e2fsck debugfs
+WORKLOAD=${WORKLOAD:-counter}
+need qemu-system-x86_64 python3 qemu-img e2fsck debugfs busybox
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
 : "${DRAFTER_SNAPSHOTTER:?}" "${DRAFTER_PEER:?}" "${DRAFTER_AGENT:?}" "${DRAFTER_LIVENESS:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -19,13 +23,26 @@ printf '%s\n' "DRAFTER_BEFORE_SUSPEND_CMD='sync'" >"$WORK/agent.conf"
         --agent-conf "$WORK/agent.conf" \
         --app-cmd 'i=0; while :; do i=$((i+1)); echo "count $i"; echo "line $i" >> /data.log; sleep 0.1; done' \
         >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
+OCI=$BP/oci.ext4
+if [[ $WORKLOAD == memcheck ]]; then
+        : "${DRAFTER_MEMCHECK:?}"
+        # The app's bundle: busybox and drafter-memcheck.
+        mkdir -p "$WORK/approot/bin" "$WORK/approot/usr/bin" "$WORK/approot/"{etc,tmp,proc,sys,dev,run}
+        cp "$(readlink -f "$(command -v busybox)")" "$WORK/approot/bin/busybox"
+        ln -s busybox "$WORK/approot/bin/sh"
+        cp "$DRAFTER_MEMCHECK" "$WORK/approot/usr/bin/drafter-memcheck"
+        OCI=$WORK/oci.ext4
+        "$ROOT/guest/make-oci" --out "$OCI" --rootfs "$WORK/approot" --agent-conf "$WORK/agent.conf" \
+                --app-cmd 'exec /usr/bin/drafter-memcheck --mib 64 --rate-mib 32' >"$WORK/oci.log" 2>&1 ||
+                { cat "$WORK/oci.log"; fail "make-oci failed"; }
+fi
 P=$WORK/package
-python3 - "$BP" "$P" >"$WORK/snap.json" <<'PY'
+python3 - "$BP" "$P" "$OCI" >"$WORK/snap.json" <<'PY'
 import json, sys
-bp, out = sys.argv[1:3]
-devs = [("state", "", "state.bin"), ("memory", "", "memory.bin"), ("kernel", "vmlinux", "vmlinux"),
-        ("disk", "rootfs.ext4", "rootfs.ext4"), ("config", "", "config.json"), ("oci", "oci.ext4", "oci.ext4")]
-print(json.dumps([{"name": n, "input": f"{bp}/{i}" if i else "", "output": f"{out}/{o}"} for n, i, o in devs]))
+bp, out, oci = sys.argv[1:4]
+devs = [("state", "", "state.bin"), ("memory", "", "memory.bin"), ("kernel", f"{bp}/vmlinux", "vmlinux"),
+        ("disk", f"{bp}/rootfs.ext4", "rootfs.ext4"), ("config", "", "config.json"), ("oci", oci, "oci.ext4")]
+print(json.dumps([{"name": n, "input": i, "output": f"{out}/{o}"} for n, i, o in devs]))
 PY
 "$DRAFTER_SNAPSHOTTER" --devices "$(cat "$WORK/snap.json")" --memory-size 256 --chroot-base-dir "$WORK/vms" \
         >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
@@ -41,7 +58,14 @@ print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay
                    "cycleThrottle": int(th)} for n, f in files.items()]))
 PY
 }
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
+counts() {
+        [[ -f $1 ]] || return 0
+        if [[ $WORKLOAD == memcheck ]]; then
+                tr -d '\r' <"$1" | sed -n 's/.*memcheck \([0-9][0-9]*\) ok.*/\1/p'
+        else
+                tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'
+        fi
+}
 wait_counts() { # file n pid
         for _ in $(seq 1 600); do
                 [[ $(counts "$1" | wc -l) -ge $2 ]] && return 0
@@ -78,6 +102,10 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         kill -INT $B
         timeout 60 tail --pid=$B -f /dev/null || fail "$label: B did not stop"
         wait $B || { cat "$WORK/b.log"; fail "$label: B failed"; }
+        if [[ $WORKLOAD == memcheck ]]; then
+                if grep -a "FAILED" "$WORK/a.out" "$WORK/b.out"; then fail "$label: the guest found damaged memory"; fi
+                echo "  checks of all 16384 pages: the last at A #$last, the first at B #$first, none failed"
+        else
         # B's disk, read back through its overlay: a clean file system with every line.
         local devs
         devs=$(python3 -c 'import json,sys; print(json.dumps([{"name": "oci", "base": sys.argv[1] + "/package/oci.ext4", "overlay": sys.argv[1] + "/overlay/oci.ext4", "state": sys.argv[1] + "/state/oci.ext4", "blockSize": 65536}]))' "$WORK/b")
@@ -102,6 +130,7 @@ if len(lines) < int(sys.argv[2]):
     sys.exit(f"{len(lines)} lines, but A had counted to {sys.argv[2]}")
 print(f"  B's disk: e2fsck clean, data.log has lines 1-{len(lines)} in order")
 PY
+        fi
         # The machine-readable summaries agree with the logs.
         python3 - "$WORK/a.json" "$WORK/b.json" <<'PY' || fail "$label: bad --json-summary"
 import json, sys
