@@ -73,7 +73,7 @@ static void *destination(void *arg) {
         if (a->result < 0)
                 return NULL;
         struct migrate_destination *d;
-        struct migrate_destination_config cfg = {open_memory, NULL, NULL, false, 0};
+        struct migrate_destination_config cfg = {.open_device = open_memory};
         a->result = migrate_destination_start(fd, &cfg, &d);
         if (a->result < 0)
                 return NULL;

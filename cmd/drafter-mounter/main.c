@@ -124,7 +124,8 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         if ((r = transport_connect(raddr, 60000, &fd)) < 0)
                 return r;
         uint64_t start = clock_now_ns();
-        struct migrate_destination_config dcfg = {open_local, NULL, m, m->disable_postcopy, 0};
+        struct migrate_destination_config dcfg = {
+                .open_device = open_local, .ctx = m, .disable_postcopy = m->disable_postcopy};
         if ((r = migrate_destination_start(fd, &dcfg, &m->dest)) < 0)
                 return r;
         size_t n = migrate_destination_device_count(m->dest);

@@ -21,6 +21,7 @@ int main(int argc, char **argv) {
         const char *devices_json = default_devices, *chroot_base = "out/vms", *cpu_template = "None";
         const char *boot_args = "console=ttyS0 panic=-1 rootfstype=ext4 root=/dev/vda rootflags=rw quiet "
                                 "printk.devkmsg=on random.trust_cpu=on";
+        const char *serial_ports = "";
         const char *firecracker_bin = "firecracker", *qemu_bin = "qemu-system-x86_64", *vmm = "qemu", *netns = "";
         int64_t agent_port = 26, liveness_port = 25, cgroup_version = 2, cpu_count = 1, memory_mib = 1024;
         int64_t resume_timeout = 60 * NSEC_PER_SEC, agent_timeout = 10 * NSEC_PER_SEC;
@@ -43,6 +44,9 @@ int main(int argc, char **argv) {
                 {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in (networking: not yet)"},
                 {"qemu-bin", FLAG_STRING, &qemu_bin, "QEMU binary"},
                 {"resume-timeout", FLAG_DURATION, &resume_timeout, "Maximum time to wait for the guest to boot"},
+                {"serial-ports", FLAG_STRING, &serial_ports,
+                 "Extra named virtio-serial ports for the guest, comma-separated (their host ends are unix sockets "
+                 "<name>.sock in the VM's runtime directory; peers resuming the package offer the same ports)"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
                 {"vmm", FLAG_STRING, &vmm, "Virtual machine monitor: qemu or firecracker"},
         };
@@ -84,7 +88,8 @@ int main(int argc, char **argv) {
                                      .cpu_model = strcmp(cpu_template, "None") == 0 ? NULL : cpu_template,
                                      .boot_args = boot_args,
                                      .liveness_port = liveness_port,
-                                     .agent_port = agent_port};
+                                     .agent_port = agent_port,
+                                     .serial_ports = serial_ports};
         r = instance_snapshot(&devices, &o);
         if (r < 0)
                 log_error("%s", error_message());

@@ -28,6 +28,7 @@ struct instance_options {
         const char *cpu_model; /* NULL: the VMM's default */
         const char *boot_args;
         int64_t liveness_port, agent_port;
+        const char *serial_ports; /* extra named virtio-serial ports, comma-separated; NULL: none */
 };
 
 /* Boot the blueprint of `devices` (snapshotter schema), wait for liveness, call BeforeSuspend,

@@ -37,6 +37,10 @@ struct migrate_source_config {
         /* Blocks queued for one write at most (0: 16, at most MIGRATE_MAX_BATCH); blocks that must be copied out of their
          * device take a buffer each, so this also bounds the sender's buffer memory. */
         unsigned concurrency;
+        /* Final dirty blocks go ahead of the hand-over (instead of after it, on demand) when the
+         * link, at the rate it kept during the bulk pass, sends them within this time (at least
+         * 2 MiB of them: state and config take that much). 0: never, always post-copy. */
+        uint64_t push_budget_ns;
 };
 
 #define MIGRATE_MAX_BATCH 64
@@ -46,10 +50,12 @@ struct migrate_stats {
         uint64_t need_at_served, cycles, final_dirty_blocks;
         uint64_t postcopy_blocks; /* destination: blocks that arrived after it took authority */
         uint64_t bulk_ns, cycles_ns, suspend_ns, authority_ns, total_ns;
+        uint64_t authority_sent_at_ns; /* source: CLOCK_MONOTONIC when AUTHORITY was written; 0: never */
         /* The destination acknowledged authority, or may have: AUTHORITY was sent and no ERROR
          * from the destination came ahead of an acknowledgement. */
         bool authority_transferred;
         bool completed;             /* the destination acknowledged completion */
+        bool final_pushed;          /* source: the final dirty blocks went before the hand-over */
 };
 
 /* Run the source side on a connected stream fd (not closed). 0 when the destination has
@@ -66,6 +72,12 @@ struct migrate_destination_config {
         void *ctx;
         bool disable_postcopy;    /* take authority only when every block is local */
         uint64_t read_timeout_ns; /* how long a read waits for a missing block; 0: forever */
+        /* Optional, called on the receiving thread in the order of the stream: blocks [first,
+         * first+count) of device `index` arrived (are present now; `zero`: all zeros, a zero
+         * run); block `block` is about to
+         * go missing again (a DIRTY list). on_authority is called on the same thread. */
+        void (*on_blocks)(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero);
+        void (*on_dirty)(void *ctx, size_t index, uint64_t block);
 };
 
 struct migrate_destination;

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #define VM_CONFIG_VERSION 1
+#define VM_CONFIG_MAX_SERIAL_PORTS 2
 
 struct vm_config {
         char backend[16];      /* "qemu" (or "firecracker") */
@@ -21,6 +22,11 @@ struct vm_config {
         int64_t liveness_port, agent_port; /* vsock ports (virtio-serial ports are named) */
         char drives[8][64];    /* devices attached as disks, in guest order (vda, vdb, …) */
         int drive_count;
+        /* Named virtio-serial ports besides the agent's and liveness's (e.g. a benchmark's
+         * heartbeat): part of the machine, so a restore must offer the same ones. "serialPorts"
+         * in the JSON, left out when empty. */
+        char serial_ports[VM_CONFIG_MAX_SERIAL_PORTS][32];
+        int serial_port_count;
 };
 
 /* To JSON (malloc'd, ends with a newline). */
@@ -28,3 +34,6 @@ char *vm_config_format(const struct vm_config *c);
 /* From JSON: every field checked; -EINVAL with a message naming the field otherwise. `what` names
  * the file in messages. */
 int vm_config_parse(const char *json, size_t len, const char *what, struct vm_config *ret_config);
+/* Set c's extra serial ports from a comma-separated list ("" for none): names of letters,
+ * digits, '.', '-' and '_', unique, not the agent's or liveness's. */
+int vm_config_set_serial_ports(struct vm_config *c, const char *list);

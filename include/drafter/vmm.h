@@ -73,6 +73,10 @@ int vmm_resume(struct vmm *vm);
  * (QEMU says "postmigrate") and vmm_resume() continues it. -EBUSY if it is running, -EALREADY
  * if it has not run since its last snapshot (QEMU cannot migrate it again; that one is valid). */
 int vmm_snapshot(struct vmm *vm, const char *state_path);
+/* vmm_snapshot() without making anything durable (no fsync of the state file, its directory or
+ * the memory file): for a live migration, whose state is read back at once and whose memory
+ * pages the caller hands on itself (fuse_export_sync). */
+int vmm_save_state(struct vmm *vm, const char *state_path);
 /* VM started with `incoming`: load the device state from state_path (which must exist and be
  * non-empty) against the memory file; the VM stays paused until vmm_resume(). A failed load
  * leaves the QEMU process waiting: vmm_stop()/vmm_free() it. */

@@ -41,4 +41,6 @@ void waiting_cache_invalidate(struct block_device *dev, uint64_t block);
 void waiting_cache_cancel(struct block_device *dev, int err, const char *why);
 
 uint64_t waiting_cache_missing(struct block_device *dev);
+/* True if the block has arrived (a read of it does not wait). */
+bool waiting_cache_present(struct block_device *dev, uint64_t block);
 struct block_device *waiting_cache_inner(struct block_device *dev);

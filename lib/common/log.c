@@ -50,8 +50,8 @@ void log_write(enum log_level level, const char *fmt, ...) {
         clock_gettime(CLOCK_REALTIME, &ts);
         localtime_r(&ts.tv_sec, &tm);
         int n = (int)strftime(line, sizeof(line), "%Y/%m/%d %H:%M:%S ", &tm);
-        if (level == LOG_DEBUG)
-                n += snprintf(line + n, sizeof(line) - (size_t)n, "debug: ");
+        if (level == LOG_DEBUG) /* with the microseconds: debug output is for timing things */
+                n += snprintf(line + n - 1, sizeof(line) - (size_t)n + 1, ".%06ld debug: ", ts.tv_nsec / 1000) - 1;
         else if (level == LOG_WARNING)
                 n += snprintf(line + n, sizeof(line) - (size_t)n, "warning: ");
         else if (level == LOG_ERROR)

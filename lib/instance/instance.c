@@ -17,6 +17,9 @@
 #include "drafter/vm_config.h"
 #include "drafter/vmm.h"
 #include "drafter/volatility_monitor.h"
+#include "drafter/waiting_cache.h"
+
+#include "page_warmer.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -205,6 +208,9 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                                 .port_count = 2,
                                 .enable_output = o->enable_output,
                                 .enable_input = o->enable_input};
+        if (r >= 0 && o->serial_ports && (r = vm_config_set_serial_ports(&vc, o->serial_ports)) >= 0)
+                for (int i = 0; i < vc.serial_port_count; i++)
+                        mc.ports[mc.port_count++] = vc.serial_ports[i];
         const struct device_config *drives[VMM_MAX_DRIVES];
         mc.drive_count = drive_order(devices, drives);
         for (size_t i = 0; i < mc.drive_count; i++) {
@@ -297,10 +303,37 @@ struct instance {
         double resume_ms;
         /* Where a resume's time went, in ms from the start of instance_resume. */
         double t_prepared, t_qemu, t_handover, t_restored, t_running, t_answered;
+        /* The same moments (and a migration's), as CLOCK_MONOTONIC ns, for --json-summary: a
+         * benchmark lines them up with what it saw of the guest. A repeated event keeps its last time. */
+        struct {
+                const char *name;
+                uint64_t at_ns;
+        } events[16];
+        size_t event_count;
+        /* Receiving: the memory file kept in the page cache until the hand-over (page_warmer.h);
+         * set (atomically) once QEMU has started, taken and freed at the hand-over. */
+        struct page_warmer *warmer;
+        size_t warm_index; /* the memory device in the migration's table */
         pthread_mutex_t lock;
         pthread_cond_t changed;
         bool authority; /* a migration gave us the devices */
 };
+
+static void mark_at(struct instance *inst, const char *name, uint64_t at_ns) {
+        size_t i = 0;
+        while (i < inst->event_count && strcmp(inst->events[i].name, name) != 0)
+                i++;
+        if (i == sizeof(inst->events) / sizeof(inst->events[0]))
+                return;
+        inst->events[i].name = name;
+        inst->events[i].at_ns = at_ns;
+        if (i == inst->event_count)
+                inst->event_count++;
+}
+
+static void mark(struct instance *inst, const char *name) {
+        mark_at(inst, name, clock_now_ns());
+}
 
 static size_t index_of(const struct device_list *devices, const char *name) {
         return (size_t)(device_list_find(devices, name) - devices->devices);
@@ -381,12 +414,10 @@ static int load_config(struct instance *inst) {
         return 0;
 }
 
-/* Runtime directory, the devices as files (what QEMU maps and opens), the kernel, QEMU waiting
- * for its state. */
-static int start_vmm(struct instance *inst) {
+/* The runtime directory and the devices as files (what QEMU maps and opens). */
+static int export_devices(struct instance *inst) {
         const struct device_list *devices = inst->devices;
-        const struct instance_options *o = &inst->options;
-        int r = make_runtime_dir(o->runtime_base, "qemu", inst->runtime, sizeof(inst->runtime));
+        int r = make_runtime_dir(inst->options.runtime_base, "qemu", inst->runtime, sizeof(inst->runtime));
         if (r < 0)
                 return r;
         _cleanup_free_ struct fuse_export_device *files = calloc(devices->count, sizeof(*files));
@@ -396,8 +427,15 @@ static int start_vmm(struct instance *inst) {
                 files[i] = (struct fuse_export_device){devices->devices[i].name, inst->devs[i], false};
         char mnt[4200];
         snprintf(mnt, sizeof(mnt), "%s/mnt", inst->runtime);
-        if ((r = fuse_export_start(mnt, files, devices->count, &inst->fx)) < 0 ||
-            (r = kernel_bundle_extract(fuse_export_path(inst->fx, index_of(devices, "kernel")), inst->runtime,
+        return fuse_export_start(mnt, files, devices->count, &inst->fx);
+}
+
+/* The kernel out of its device, QEMU waiting for its state. */
+static int start_vmm(struct instance *inst) {
+        const struct device_list *devices = inst->devices;
+        const struct instance_options *o = &inst->options;
+        int r;
+        if ((r = kernel_bundle_extract(fuse_export_path(inst->fx, index_of(devices, "kernel")), inst->runtime,
                                        &inst->kernel_path, &inst->initrd_path)) < 0)
                 return r;
         struct vmm_config mc = {.qemu_bin = o->qemu_bin,
@@ -415,18 +453,23 @@ static int start_vmm(struct instance *inst) {
                                 .port_count = 2,
                                 .enable_output = o->enable_output,
                                 .enable_input = o->enable_input};
+        for (int i = 0; i < inst->cfg.serial_port_count; i++)
+                mc.ports[mc.port_count++] = inst->cfg.serial_ports[i];
         for (int i = 0; i < inst->cfg.drive_count; i++)
                 mc.drives[mc.drive_count++] = (struct vmm_drive){
                         inst->cfg.drives[i], fuse_export_path(inst->fx, index_of(devices, inst->cfg.drives[i])), false};
         inst->t_prepared = MS_SINCE(inst->t0);
         r = vmm_start(&mc, true, &inst->vm);
         inst->t_qemu = MS_SINCE(inst->t0);
+        for (int i = 0; r >= 0 && i < inst->cfg.serial_port_count; i++)
+                log_info("Serial port %s: %s", inst->cfg.serial_ports[i], vmm_port_path(inst->vm, inst->cfg.serial_ports[i]));
         return r;
 }
 
 /* The exact state stream out of its padded device, loaded; the VM runs; AfterResume. */
 static int restore_and_resume(struct instance *inst, uint64_t since) {
         inst->t_handover = MS_SINCE(inst->t0);
+        mark_at(inst, "handover", since);
         char raw[4200];
         snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
         _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
@@ -434,16 +477,20 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         if (r < 0 || (r = fs_write_file_atomic(raw, buf, inst->cfg.state_bytes)) < 0)
                 return r;
         uint64_t t = clock_now_ns();
+        mark_at(inst, "stateRead", t);
         if ((r = vmm_restore(inst->vm, raw)) < 0)
                 return r;
         inst->t_restored = MS_SINCE(inst->t0);
+        mark(inst, "stateLoaded");
         log_debug("state load %.1f ms", MS_SINCE(t));
         if ((r = vmm_resume(inst->vm)) < 0)
                 return r;
         inst->resume_ms = MS_SINCE(since);
         inst->t_running = MS_SINCE(inst->t0);
+        mark(inst, "running");
         r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "AfterResume", &inst->options);
         inst->t_answered = MS_SINCE(inst->t0);
+        mark(inst, "afterResumeAnswered");
         return r;
 }
 
@@ -467,7 +514,7 @@ int instance_resume(const struct device_list *devices, const struct instance_opt
                     devices->devices[i].sharedbase && *devices->devices[i].overlay)
                         inst->only[i] = cow_device_present(bottom);
         }
-        if (r < 0 || (r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0 ||
+        if (r < 0 || (r = load_config(inst)) < 0 || (r = export_devices(inst)) < 0 || (r = start_vmm(inst)) < 0 ||
             (r = restore_and_resume(inst, inst->t0)) < 0)
                 return fail_instance(inst, r);
         *ret = inst;
@@ -504,9 +551,51 @@ static int receive_failed(struct instance *inst, int r) {
         return fail_instance(inst, r);
 }
 
+static struct page_warmer *warmer_of(struct instance *inst, size_t index) {
+        struct page_warmer *w = __atomic_load_n(&inst->warmer, __ATOMIC_ACQUIRE);
+        return w && index == inst->warm_index ? w : NULL;
+}
+
+static void on_blocks(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero) {
+        struct page_warmer *w = warmer_of(ctx, index);
+        if (w)
+                page_warmer_arrived(w, first, count, zero);
+}
+
+static void on_dirty(void *ctx, size_t index, uint64_t block) {
+        struct page_warmer *w = warmer_of(ctx, index);
+        if (w)
+                page_warmer_dirtied(w, block);
+}
+
+/* Published before it reads anything, so it sees every DIRTY list; started under the lock the
+ * hand-over takes, so it never runs after it. Without one the VM only resumes slower. */
+static void start_warmer(struct instance *inst) {
+        size_t n = migrate_destination_device_count(inst->dest);
+        for (size_t i = 0; i < n; i++)
+                if (strcmp(migrate_destination_device_info(inst->dest, i)->name, "memory") == 0)
+                        inst->warm_index = i;
+        struct page_warmer *w;
+        if (page_warmer_new(inst->fx, inst->memory, migrate_destination_device(inst->dest, inst->warm_index), &w) < 0) {
+                log_debug("%s", error_message());
+                return;
+        }
+        pthread_mutex_lock(&inst->lock);
+        if (!inst->authority) {
+                __atomic_store_n(&inst->warmer, w, __ATOMIC_RELEASE);
+                if (page_warmer_run(w) < 0)
+                        log_debug("%s", error_message());
+                w = NULL;
+        }
+        pthread_mutex_unlock(&inst->lock);
+        page_warmer_free(w);
+}
+
 static int on_authority(void *ctx) {
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
+        /* From now on the VM may run and write its pages: the warmer stops reading. */
+        page_warmer_free(__atomic_exchange_n(&inst->warmer, NULL, __ATOMIC_ACQ_REL));
         inst->authority = true;
         pthread_cond_broadcast(&inst->changed);
         pthread_mutex_unlock(&inst->lock);
@@ -525,7 +614,12 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         log_info("Connecting to %s", raddr);
         if ((r = transport_connect(raddr, 60000, &fd)) < 0)
                 return fail_instance(inst, r);
-        struct migrate_destination_config dcfg = {open_received, on_authority, inst, disable_postcopy, 0};
+        struct migrate_destination_config dcfg = {.open_device = open_received,
+                                                  .on_authority = on_authority,
+                                                  .ctx = inst,
+                                                  .disable_postcopy = disable_postcopy,
+                                                  .on_blocks = on_blocks,
+                                                  .on_dirty = on_dirty};
         if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
                 return fail_instance(inst, r);
         size_t n = migrate_destination_device_count(inst->dest);
@@ -538,7 +632,10 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                         r = error_set(-EINVAL, "devices: the source does not send \"%s\"", devices->devices[i].name);
         /* The VMM starts now, while the blocks stream in: its start-up is off the downtime path.
          * Reads of blocks not here yet wait for them (and ask for them first). */
-        if (r < 0 || (r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
+        if (r < 0 || (r = export_devices(inst)) < 0)
+                return receive_failed(inst, r);
+        start_warmer(inst);
+        if ((r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
                 return receive_failed(inst, r);
         log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
         pthread_mutex_lock(&inst->lock);
@@ -585,9 +682,12 @@ static int before_collect(void *ctx) {
         return fuse_export_sync(inst->fx);
 }
 
+static int suspend_into_devices(struct instance *inst, bool durable);
+
 static int suspend_hook(void *ctx) {
         log_info("Suspending the VM for the hand-over");
-        return instance_suspend(ctx);
+        mark(ctx, "beforeSuspend");
+        return suspend_into_devices(ctx, false);
 }
 
 int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, struct migrate_stats *ret_stats) {
@@ -595,12 +695,19 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
         _cleanup_free_ struct migrate_source_device *devs = calloc(devices->count, sizeof(*devs));
         if (!devs)
                 return -ENOMEM;
-        for (size_t i = 0; i < devices->count; i++) {
-                const struct device_config *c = &devices->devices[i];
-                devs[i] = (struct migrate_source_device){c->name, inst->devs[i], inst->vms[i], inst->only[i],
-                                                         c->max_dirty_blocks, c->min_cycles, c->max_cycles,
-                                                         c->cycle_throttle_ns};
-        }
+        /* What the destination needs to start its VMM goes first (the bulk pass goes in this
+         * order): config.json and the kernel; then the rest as listed. */
+        size_t n = 0;
+        for (int pass = 0; pass < 2; pass++)
+                for (size_t i = 0; i < devices->count; i++) {
+                        const struct device_config *c = &devices->devices[i];
+                        bool first = i == inst->config || strcmp(c->name, "kernel") == 0;
+                        if (first != (pass == 0))
+                                continue;
+                        devs[n++] = (struct migrate_source_device){c->name, inst->devs[i], inst->vms[i], inst->only[i],
+                                                                   c->max_dirty_blocks, c->min_cycles, c->max_cycles,
+                                                                   c->cycle_throttle_ns};
+                }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = devices->count,
                                             .before_collect = before_collect,
@@ -608,11 +715,16 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                                             .ctx = inst,
                                             .compress = true,
                                             .progress = true,
-                                            .concurrency = concurrency};
+                                            .concurrency = concurrency,
+                                            /* A few ms of link beat the VM faulting them in one
+                                             * by one after it resumed. */
+                                            .push_budget_ns = 20 * NSEC_PER_MSEC};
         struct migrate_stats st = {0};
         int r = migrate_source_run(fd, &cfg, &st);
         if (ret_stats)
                 *ret_stats = st;
+        if (st.authority_sent_at_ns)
+                mark_at(inst, "authoritySent", st.authority_sent_at_ns);
         if (r >= 0) {
                 log_info("Completed all device migrations (%" PRIu64 " cycles, %" PRIu64 " blocks, %.1f MB, "
                          "suspended for %.1f ms before the hand-over, %.1f ms in all)",
@@ -670,6 +782,13 @@ char *instance_summary_json(const struct instance *inst, const struct migrate_st
                                   "needAtServed", (json_int_t)out->need_at_served, "bulkMs", out->bulk_ns / 1e6,
                                   "cyclesMs", out->cycles_ns / 1e6, "suspendMs", out->suspend_ns / 1e6, "totalMs",
                                   out->total_ns / 1e6));
+        json_t *events = j ? json_object() : NULL;
+        for (size_t i = 0; events && i < inst->event_count; i++)
+                json_object_set_new(events, inst->events[i].name, json_integer((json_int_t)inst->events[i].at_ns));
+        if (events) {
+                json_object_set_new(j, "eventsClock", json_string("CLOCK_MONOTONIC ns"));
+                json_object_set_new(j, "events", events);
+        }
         char *text = j ? json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
         json_decref(j);
         return text;
@@ -679,18 +798,26 @@ bool instance_running(struct instance *inst) {
         return inst->vm && vmm_running(inst->vm);
 }
 
-int instance_suspend(struct instance *inst) {
+/* BeforeSuspend, pause, the state into the state device and config.json. `durable`: flush every
+ * device too (a suspend that ends the run); a live migration reads the devices at once and keeps
+ * the VM to resume if it fails, so it leaves that off its downtime. */
+static int suspend_into_devices(struct instance *inst, bool durable) {
         const struct instance_options *o = &inst->options;
         int r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "BeforeSuspend", o);
         if (r < 0)
                 return r;
         char raw[4200];
         snprintf(raw, sizeof(raw), "%s/state.new", inst->runtime);
-        if ((r = vmm_pause(inst->vm)) < 0 || (r = vmm_snapshot(inst->vm, raw)) < 0)
+        if ((r = vmm_pause(inst->vm)) < 0)
                 return r;
+        mark(inst, "paused");
+        if ((r = (durable ? vmm_snapshot : vmm_save_state)(inst->vm, raw)) < 0)
+                return r;
+        mark(inst, "stateSaved");
         /* Every page QEMU dirtied through its mapping, into the memory device. */
         if ((r = fuse_export_sync(inst->fx)) < 0)
                 return r;
+        mark(inst, "memorySynced");
         _cleanup_free_ char *data = NULL;
         size_t len = 0;
         if ((r = read_file(raw, &data, &len)) < 0)
@@ -713,11 +840,16 @@ int instance_suspend(struct instance *inst) {
         /* The kernel's cached pages of the files we wrote underneath are stale now. */
         fuse_export_invalidate(inst->fx, inst->state, 0, state->size);
         fuse_export_invalidate(inst->fx, inst->config, 0, cdev->size);
-        for (size_t i = 0; i < inst->devices->count; i++)
+        for (size_t i = 0; durable && i < inst->devices->count; i++)
                 if ((r = block_device_flush(inst->devs[i])) < 0)
                         return r;
+        mark(inst, "stateStored");
         log_info("Suspended the VM into its devices (state %zu bytes)", len);
         return 0;
+}
+
+int instance_suspend(struct instance *inst) {
+        return suspend_into_devices(inst, true);
 }
 
 void instance_free(struct instance *inst) {

@@ -83,6 +83,13 @@ static unsigned supply_flags(struct destination *d) {
         return d->authority ? WAITING_CACHE_IF_MISSING : 0;
 }
 
+/* supplied: waiting_cache_supply's result (1: written). */
+static void notify_blocks(struct destination *d, size_t index, uint64_t first, uint64_t count, int supplied,
+                          bool zero) {
+        if (supplied > 0 && d->cfg.on_blocks)
+                d->cfg.on_blocks(d->cfg.ctx, index, first, count, zero);
+}
+
 static int handle(struct destination *d, const struct migrate_frame *f, const struct migrate_message *m) {
         struct block_device *dev = m->type >= MIGRATE_BLOCK && m->type <= MIGRATE_DIRTY ? d->devs[m->device] : NULL;
         int r = 0;
@@ -92,6 +99,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
         case MIGRATE_BLOCK:
                 r = waiting_cache_supply(dev, m->block.block, m->block.data, supply_flags(d));
                 d->stats.blocks_sent++; /* counted as received */
+                notify_blocks(d, m->device, m->block.block, 1, r, false);
                 break;
         case MIGRATE_BLOCK_ZSTD: {
                 size_t len = block_device_block_length(dev, m->block.block);
@@ -102,6 +110,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 r = waiting_cache_supply(dev, m->block.block, d->block_buf, supply_flags(d));
                 d->stats.blocks_sent++;
                 d->stats.compressed_blocks++;
+                notify_blocks(d, m->device, m->block.block, 1, r, false);
                 break;
         }
         case MIGRATE_BLOCK_ZERO:
@@ -109,6 +118,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 for (uint64_t b = m->range.first; b < m->range.first + m->range.count && r >= 0; b++) {
                         r = waiting_cache_supply(dev, b, d->block_buf, supply_flags(d));
                         d->stats.zero_blocks++;
+                        notify_blocks(d, m->device, b, 1, r, true);
                 }
                 break;
         case MIGRATE_DIRTY:
@@ -117,6 +127,8 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 for (uint32_t i = 0; i < m->dirty.count; i++) {
                         uint64_t b;
                         memcpy(&b, m->dirty.blocks + 8 * i, 8);
+                        if (d->cfg.on_dirty)
+                                d->cfg.on_dirty(d->cfg.ctx, m->device, le64toh(b));
                         waiting_cache_invalidate(dev, le64toh(b));
                 }
                 d->stats.final_dirty_blocks += m->dirty.count;
@@ -185,6 +197,7 @@ static int receive(struct destination *d, struct migrate_reader *rd, struct migr
                             : -EOPNOTSUPP;
                 if (r != -EOPNOTSUPP) {
                         d->stats.blocks_sent++; /* counted as received */
+                        notify_blocks(d, m.device, m.block.block, 1, r, false);
                         return r < 0 ? r : 0;
                 }
                 if ((r = migrate_reader_take(rd, buf + 8, rd->left)) < 0)

@@ -21,6 +21,11 @@ struct need {
         uint32_t count;
 };
 
+/* While the VM is paused: no zstd above this link rate (bytes/s; zstd -1 compresses a few
+ * hundred MB/s on one core); a final push (push_budget_ns) may always be this large. */
+#define MIGRATE_RAW_RATE       200e6
+#define MIGRATE_PUSH_MIN_BYTES (2u << 20)
+
 struct source {
         int fd;
         const struct migrate_source_config *cfg;
@@ -50,6 +55,7 @@ struct source {
         int iov_count;
         size_t buf_cap, zstd_cap;
         ZSTD_CCtx *cctx;
+        bool raw_only;          /* no compression: the VM is paused and the link outruns zstd */
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
         struct migrate_stats stats;
@@ -223,7 +229,8 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
         /* Compression costs more than it saves on incompressible data: after misses in a row,
          * try again only every so often (backing off up to every 64th block). A block read into
          * the slot's buffer is compressed from it into the same buffer's second half. */
-        if (s->cctx && s->compress_skip > 0) {
+        if (s->raw_only) {
+        } else if (s->cctx && s->compress_skip > 0) {
                 s->compress_skip--;
         } else if (s->cctx) {
                 uint8_t *out = data == slot->buf ? slot->buf + len : slot->buf;
@@ -512,12 +519,15 @@ static int run(struct source *s) {
         if ((r = bulk(s)) < 0)
                 return r;
         s->stats.bulk_ns = clock_now_ns() - t;
+        /* What the link (and our sending) did while it had nothing else to do. */
+        double rate = s->stats.bulk_ns ? s->stats.bytes_sent * 1e9 / s->stats.bulk_ns : 0;
         t = clock_now_ns();
         if ((r = cycles(s)) < 0)
                 return r;
         s->stats.cycles_ns = clock_now_ns() - t;
 
         t = clock_now_ns();
+        uint64_t final_bytes = 0;
         if (s->cfg->suspend && (r = s->cfg->suspend(s->cfg->ctx)) < 0)
                 return r;
         if (s->cfg->before_collect && (r = s->cfg->before_collect(s->cfg->ctx)) < 0)
@@ -531,14 +541,34 @@ static int run(struct source *s) {
                         bitmap_set(&s->pending[di], blocks[i]);
                 free(blocks);
                 s->stats.final_dirty_blocks += bitmap_count(&s->pending[di]);
-                if ((r = send_dirty_list(s, di)) < 0)
-                        return r;
+                final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
         }
+        /* While the VM is paused: zstd only where the link is slower than it, and the final
+         * blocks pushed ahead of the hand-over when the link moves them quicker than the
+         * destination could ask for them one fault at a time; else their list goes ahead and
+         * they follow the hand-over (post-copy). */
+        s->raw_only = rate > MIGRATE_RAW_RATE;
+        bool push = s->cfg->push_budget_ns &&
+                    final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, rate * (double)s->cfg->push_budget_ns / 1e9);
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                struct bitmap *p = &s->pending[di];
+                if (!push) {
+                        if ((r = send_dirty_list(s, di)) < 0)
+                                return r;
+                        continue;
+                }
+                for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1))
+                        if (bitmap_test_and_clear(p, b) && (r = send_block(s, di, b)) < 0)
+                                return r;
+        }
+        if (push)
+                s->stats.final_pushed = true;
         if ((r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_SUSPENDED)) < 0 ||
             (r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_AUTHORITY)) < 0)
                 return r;
         s->authority_sent = true;
-        s->stats.suspend_ns = clock_now_ns() - t;
+        s->stats.authority_sent_at_ns = clock_now_ns();
+        s->stats.suspend_ns = s->stats.authority_sent_at_ns - t;
 
         /* Post-copy: what the destination asks for first, then the rest in order. */
         t = clock_now_ns();

@@ -1,6 +1,7 @@
 /* vm_config.c — config.json of a package (see vm_config.h). */
 #include "drafter/vm_config.h"
 #include "drafter/error.h"
+#include "drafter/guestlink.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -18,6 +19,12 @@ char *vm_config_format(const struct vm_config *c) {
                               (json_int_t)c->memory_bytes, "stateBytes", (json_int_t)c->state_bytes, "bootArgs",
                               c->boot_args, "livenessVSockPort", (json_int_t)c->liveness_port, "agentVSockPort",
                               (json_int_t)c->agent_port, "drives", drives);
+        if (j && c->serial_port_count > 0) {
+                json_t *ports = json_array();
+                for (int i = 0; i < c->serial_port_count; i++)
+                        json_array_append_new(ports, json_string(c->serial_ports[i]));
+                json_object_set_new(j, "serialPorts", ports);
+        }
         char *s = j ? json_dumps(j, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : NULL;
         json_decref(j);
         if (!s)
@@ -49,6 +56,37 @@ static int get_int(json_t *root, const char *what, const char *key, int64_t min,
                 return error_set(-EINVAL, "%s: field \"%s\" must be an integer of at least %lld", what, key,
                                  (long long)min);
         *out = json_integer_value(v);
+        return 0;
+}
+
+static int add_serial_port(struct vm_config *c, const char *name) {
+        size_t n = strlen(name);
+        if (n == 0 || n >= sizeof(c->serial_ports[0]) || strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_") != n)
+                return error_set(-EINVAL, "serial port \"%s\": a name is 1-%zu letters, digits, '.', '-' or '_'", name,
+                                 sizeof(c->serial_ports[0]) - 1);
+        if (strcmp(name, GUESTLINK_AGENT_PORT_NAME) == 0 || strcmp(name, GUESTLINK_LIVENESS_PORT_NAME) == 0)
+                return error_set(-EINVAL, "serial port \"%s\" is the guest link's own", name);
+        for (int i = 0; i < c->serial_port_count; i++)
+                if (strcmp(c->serial_ports[i], name) == 0)
+                        return error_set(-EINVAL, "serial port \"%s\" is named twice", name);
+        if (c->serial_port_count >= VM_CONFIG_MAX_SERIAL_PORTS)
+                return error_set(-EINVAL, "serial port \"%s\": at most %d extra ports", name, VM_CONFIG_MAX_SERIAL_PORTS);
+        snprintf(c->serial_ports[c->serial_port_count++], sizeof(c->serial_ports[0]), "%s", name);
+        return 0;
+}
+
+int vm_config_set_serial_ports(struct vm_config *c, const char *list) {
+        c->serial_port_count = 0;
+        char buf[256];
+        if (strlen(list) >= sizeof(buf))
+                return error_set(-EINVAL, "serial ports \"%s\": too long", list);
+        snprintf(buf, sizeof(buf), "%s", list);
+        char *save = NULL;
+        for (char *name = strtok_r(buf, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+                int r = add_serial_port(c, name);
+                if (r < 0)
+                        return r;
+        }
         return 0;
 }
 
@@ -94,6 +132,16 @@ int vm_config_parse(const char *text, size_t len, const char *what, struct vm_co
                         r = error_set(-EINVAL, "%s: drives[%zu] must be a device name", what, i);
                 else
                         snprintf(c.drives[c.drive_count++], sizeof(c.drives[0]), "%s", json_string_value(d));
+        }
+        json_t *ports = json_object_get(root, "serialPorts");
+        if (r >= 0 && ports && (!json_is_array(ports) || json_array_size(ports) > VM_CONFIG_MAX_SERIAL_PORTS))
+                r = error_set(-EINVAL, "%s: field \"serialPorts\" must be an array of at most %d port names", what,
+                              VM_CONFIG_MAX_SERIAL_PORTS);
+        for (size_t i = 0; r >= 0 && ports && i < json_array_size(ports); i++) {
+                json_t *p = json_array_get(ports, i);
+                if (!json_is_string(p) || (r = add_serial_port(&c, json_string_value(p))) < 0)
+                        r = error_set(-EINVAL, "%s: serialPorts[%zu]: %s", what, i,
+                                      json_is_string(p) ? error_message() : "must be a port name");
         }
         json_decref(root);
         if (r < 0)

@@ -236,6 +236,11 @@ void waiting_cache_invalidate(struct block_device *dev, uint64_t block) {
         pthread_mutex_unlock(stripe_for(w, block));
 }
 
+bool waiting_cache_present(struct block_device *dev, uint64_t block) {
+        struct waiting_cache *w = to_cache(dev);
+        return block < w->present.nbits && bitmap_test(&w->present, block);
+}
+
 void waiting_cache_cancel(struct block_device *dev, int err, const char *why) {
         struct waiting_cache *w = to_cache(dev);
         pthread_mutex_lock(&w->lock);

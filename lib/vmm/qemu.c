@@ -771,7 +771,7 @@ static int fsync_path(const char *path, const char *what) {
         return 0;
 }
 
-int vmm_snapshot(struct vmm *vm, const char *state_path) {
+static int save_state(struct vmm *vm, const char *state_path, bool durable) {
         const char *status;
         int r = vmm_status(vm, &status);
         if (r < 0)
@@ -809,7 +809,7 @@ int vmm_snapshot(struct vmm *vm, const char *state_path) {
                 error_prefix(r, "snapshot");
         else
                 r = vmm_wait_migration(vm, what, log_from);
-        if (r >= 0 && (fsync(fd) < 0 || fchmod(fd, 0644) < 0))
+        if (r >= 0 && ((durable && fsync(fd) < 0) || fchmod(fd, 0644) < 0))
                 r = error_set_errno(-errno, "snapshot: cannot sync %s", tmp);
         if (r >= 0 && rename(tmp, state_path) < 0)
                 r = error_set_errno(-errno, "snapshot: cannot rename %s to %s", tmp, state_path);
@@ -817,15 +817,23 @@ int vmm_snapshot(struct vmm *vm, const char *state_path) {
                 unlink(tmp);
                 return r;
         }
-        if ((r = fs_fsync_parent(state_path)) < 0)
+        if (durable && (r = fs_fsync_parent(state_path)) < 0)
                 return error_prefix(r, "snapshot");
         /* The guest's RAM pages are in the page cache of the shared mapping; make them durable
          * (on a FUSE mount this is also what hands them to the storage layer). */
-        if ((r = fsync_path(vm->memory_path, "snapshot: memory")) < 0)
+        if (durable && (r = fsync_path(vm->memory_path, "snapshot: memory")) < 0)
                 return r;
         log_debug("qemu: snapshot to %s (%" PRIu64 " bytes) in %.1f ms", state_path,
                   file_size_or_zero(state_path), (clock_now_ns() - t0) / 1e6);
         return 0;
+}
+
+int vmm_snapshot(struct vmm *vm, const char *state_path) {
+        return save_state(vm, state_path, true);
+}
+
+int vmm_save_state(struct vmm *vm, const char *state_path) {
+        return save_state(vm, state_path, false);
 }
 
 int vmm_restore(struct vmm *vm, const char *state_path) {

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <linux/falloc.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -182,6 +183,26 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fuse_reply_open(req, fi);
 }
 
+/* One read buffer per request thread (freed when libfuse ends the thread): a fresh megabyte per
+ * read would be mapped, faulted in page by page and unmapped again, every time. */
+static pthread_key_t read_buffer_key;
+static pthread_once_t read_buffer_once = PTHREAD_ONCE_INIT;
+
+static void make_read_buffer_key(void) {
+        if (pthread_key_create(&read_buffer_key, free) != 0)
+                abort();
+}
+
+static char *read_buffer(void) {
+        pthread_once(&read_buffer_once, make_read_buffer_key);
+        char *buf = pthread_getspecific(read_buffer_key);
+        if (!buf && (buf = malloc(MAX_READ)) && pthread_setspecific(read_buffer_key, buf) != 0) {
+                free(buf);
+                buf = NULL;
+        }
+        return buf;
+}
+
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
         const struct fuse_export_device *d = device_of(export_of(req), ino);
         if (!d) {
@@ -193,11 +214,13 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
                 return;
         }
         size = (size_t)MIN((uint64_t)size, d->dev->size - (uint64_t)off);
-        _cleanup_free_ char *buf = malloc(size ? size : 1);
+        _cleanup_free_ char *big = size > MAX_READ ? malloc(size) : NULL; /* max_read says it will not be */
+        char *buf = size > MAX_READ ? big : read_buffer();
         if (!buf) {
                 fuse_reply_err(req, ENOMEM);
                 return;
         }
+        log_debug("fuse: read %s %zu at %lld", d->name, size, (long long)off);
         int r = block_device_read_at(d->dev, buf, size, (uint64_t)off);
         if (r < 0) {
                 log_debug("fuse: %s", error_message());

@@ -156,7 +156,7 @@ static void test_hostile_source(void **state) {
                 pthread_t t;
                 assert_int_equal(pthread_create(&t, NULL, fake_source, &s), 0);
                 struct migrate_destination *d;
-                struct migrate_destination_config cfg = {open_memory, NULL, NULL, false, NSEC_PER_SEC};
+                struct migrate_destination_config cfg = {.open_device = open_memory, .read_timeout_ns = NSEC_PER_SEC};
                 assert_ok(migrate_destination_start(sv[1], &cfg, &d));
                 int r = migrate_destination_wait(d, NULL);
                 pthread_join(t, NULL);

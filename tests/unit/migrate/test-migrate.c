@@ -131,6 +131,7 @@ static void *run_source(void *arg) {
  * write. */
 static bool source_maps;
 static unsigned source_concurrency;
+static uint64_t source_push_budget_ns;
 
 static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycles, int64_t throttle_ns,
                          bool disable_postcopy, bool read_all, bool compress, uint64_t seed) {
@@ -171,11 +172,15 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                                           .suspend = suspend_hook,
                                           .ctx = &w,
                                           .compress = compress,
-                                          .concurrency = source_concurrency}};
+                                          .concurrency = source_concurrency,
+                                          .push_budget_ns = source_push_budget_ns}};
         pthread_t st;
         assert_int_equal(pthread_create(&st, NULL, run_source, &src), 0);
-        struct migrate_destination_config dcfg = {open_dest_device, authority_hook, &w, disable_postcopy,
-                                                  10 * NSEC_PER_SEC};
+        struct migrate_destination_config dcfg = {.open_device = open_dest_device,
+                                                  .on_authority = authority_hook,
+                                                  .ctx = &w,
+                                                  .disable_postcopy = disable_postcopy,
+                                                  .read_timeout_ns = 10 * NSEC_PER_SEC};
         assert_ok(migrate_destination_start(sv[1], &dcfg, &w.dest));
         struct migrate_stats dstats;
         int r = migrate_destination_wait(w.dest, &dstats);
@@ -219,6 +224,12 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                 fprintf(stderr, "  post-copy reads: longest wait for a block %.2f ms\n", w.longest_wait_ns / 1e6);
                 assert_true(src.stats.need_at_served > 0);
         }
+        /* A final push leaves nothing for after the hand-over; without one, the final set
+         * follows it. */
+        if (source_push_budget_ns)
+                assert_true(src.stats.final_pushed && dstats.postcopy_blocks == 0);
+        else if (!disable_postcopy && src.stats.final_dirty_blocks > 0)
+                assert_true(!src.stats.final_pushed && dstats.postcopy_blocks > 0);
         if (min_cycles > 0)
                 assert_true(src.stats.cycles >= (uint64_t)min_cycles);
         else
@@ -254,6 +265,14 @@ static void test_source_maps(void **state) {
         source_concurrency = 0;
 }
 
+/* The final dirty blocks ahead of the hand-over, while the writer keeps writing until the
+ * suspend: still byte-exact, and nothing arrives after authority. */
+static void test_final_push(void **state) {
+        source_push_budget_ns = NSEC_PER_SEC;
+        migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, false, false, true, test_seed("test-migrate") + 5);
+        source_push_budget_ns = 0;
+}
+
 static void test_postcopy_reads_wait_for_data(void **state) {
         migrate_once(0, 0, 0, 0, false, true, true, test_seed("test-migrate") + 3);
 }
@@ -266,6 +285,7 @@ int main(void) {
                 cmocka_unit_test(test_postcopy_only),
                 cmocka_unit_test(test_postcopy_reads_wait_for_data),
                 cmocka_unit_test(test_source_maps),
+                cmocka_unit_test(test_final_push),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,199 @@
+/* page_warmer.c — a receiving VM's memory into the page cache as it arrives (page_warmer.h). */
+#include "page_warmer.h"
+#include "drafter/bitmap.h"
+#include "drafter/cleanup.h"
+#include "drafter/clock.h"
+#include "drafter/error.h"
+#include "drafter/log.h"
+#include "drafter/waiting_cache.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <sys/resource.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define WARM_RUN_BYTES (1u << 20)
+/* At the hand-over the VM waits for what is still queued: at most this long. */
+#define PAGE_WARMER_DRAIN_NS (5 * NSEC_PER_MSEC)
+
+struct page_warmer {
+        struct fuse_export *fx;
+        size_t index;
+        struct block_device *dev;
+        int fd;
+        /* Guards the bitmaps and the flight; a block's cached pages are dropped only while no
+         * read of it is in flight. */
+        pthread_mutex_t lock;
+        pthread_cond_t wake, landed;
+        uint64_t flight_first, flight_count; /* the blocks being read, with the lock released */
+        struct bitmap queued;
+        struct bitmap cached; /* read by us: the page cache may hold these blocks */
+        bool stop, draining, running;
+        uint64_t drain_deadline_ns;
+        pthread_t thread;
+        uint64_t blocks_read, t_busy_ns;
+};
+
+int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *dev, struct page_warmer **ret) {
+        _cleanup_free_ struct page_warmer *w = calloc(1, sizeof(*w));
+        if (!w)
+                return -ENOMEM;
+        const char *path = fuse_export_path(fx, index);
+        w->fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (w->fd < 0)
+                return error_set_errno(-errno, "page cache: cannot open %s", path);
+        /* Exactly the pages asked for: readahead would also read blocks that have not arrived. */
+        int r = posix_fadvise(w->fd, 0, 0, POSIX_FADV_RANDOM);
+        if (r == 0 && (r = bitmap_init(&w->queued, block_device_block_count(dev))) == 0 &&
+            (r = bitmap_init(&w->cached, block_device_block_count(dev))) < 0)
+                bitmap_free(&w->queued);
+        if (r != 0) {
+                close(w->fd);
+                return r > 0 ? error_set_errno(-r, "page cache: %s", path) : r;
+        }
+        w->fx = fx;
+        w->index = index;
+        w->dev = dev;
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->wake, NULL);
+        pthread_cond_init(&w->landed, NULL);
+        *ret = TAKE_PTR(w);
+        return 0;
+}
+
+/* The next run of queued, present blocks (at most WARM_RUN_BYTES), taken off the queue; false if
+ * none is queued. Called with the lock held. */
+static bool next_run(struct page_warmer *w, uint64_t *cursor, uint64_t *ret_first, uint64_t *ret_count) {
+        uint64_t n = w->queued.nbits, max = WARM_RUN_BYTES / w->dev->block_size;
+        for (int pass = 0; pass < 2; pass++, *cursor = 0) {
+                for (uint64_t b = bitmap_next_set(&w->queued, *cursor); b < n; b = bitmap_next_set(&w->queued, b + 1)) {
+                        bitmap_clear(&w->queued, b);
+                        if (!waiting_cache_present(w->dev, b))
+                                continue; /* it will be queued again when it arrives */
+                        uint64_t e = b + 1;
+                        while (e < n && e - b < max && bitmap_test(&w->queued, e) && waiting_cache_present(w->dev, e))
+                                bitmap_clear(&w->queued, e++);
+                        *cursor = e;
+                        *ret_first = b;
+                        *ret_count = e - b;
+                        return true;
+                }
+        }
+        return false;
+}
+
+static void *warm_thread(void *arg) {
+        struct page_warmer *w = arg;
+        /* Behind the migration and the VMs on a busy host: this only saves faults later. */
+        if (setpriority(PRIO_PROCESS, (id_t)gettid(), 5) < 0)
+                log_debug("page cache: setpriority: %m");
+        _cleanup_free_ void *buf = malloc(WARM_RUN_BYTES);
+        uint64_t cursor = 0;
+        pthread_mutex_lock(&w->lock);
+        while (buf && !w->stop) {
+                uint64_t first, count;
+                if (w->draining && clock_now_ns() > w->drain_deadline_ns)
+                        break;
+                if (!next_run(w, &cursor, &first, &count)) {
+                        if (w->draining)
+                                break;
+                        pthread_cond_wait(&w->wake, &w->lock);
+                        continue;
+                }
+                /* Every block in the range is present and stays so until the read is done
+                 * (page_warmer_dirtied waits for it): the read never waits for the migration. */
+                w->flight_first = first;
+                w->flight_count = count;
+                pthread_mutex_unlock(&w->lock);
+                uint64_t t = clock_now_ns(), off = first * w->dev->block_size;
+                size_t len = (size_t)(MIN((first + count) * w->dev->block_size, w->dev->size) - off);
+                if (pread(w->fd, buf, len, (off_t)off) < 0)
+                        log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
+                pthread_mutex_lock(&w->lock);
+                bitmap_set_range(&w->cached, first, count);
+                w->flight_count = 0;
+                pthread_cond_broadcast(&w->landed);
+                w->blocks_read += count;
+                w->t_busy_ns += clock_now_ns() - t;
+        }
+        pthread_mutex_unlock(&w->lock);
+        return NULL;
+}
+
+int page_warmer_run(struct page_warmer *w) {
+        pthread_mutex_lock(&w->lock);
+        for (uint64_t b = 0; b < w->queued.nbits; b++)
+                if (waiting_cache_present(w->dev, b))
+                        bitmap_set(&w->queued, b);
+        int r = pthread_create(&w->thread, NULL, warm_thread, w);
+        w->running = r == 0;
+        pthread_mutex_unlock(&w->lock);
+        return r == 0 ? 0 : error_set(-r, "page cache: cannot start a thread");
+}
+
+/* Lock, and wait until no read of `block` is in flight. */
+static void lock_block(struct page_warmer *w, uint64_t block) {
+        pthread_mutex_lock(&w->lock);
+        while (w->flight_count && block >= w->flight_first && block < w->flight_first + w->flight_count)
+                pthread_cond_wait(&w->landed, &w->lock);
+}
+
+/* Called with the lock held and no read of the block in flight. */
+static void drop_cached(struct page_warmer *w, uint64_t block) {
+        if (!bitmap_test_and_clear(&w->cached, block))
+                return;
+        if (fuse_export_invalidate(w->fx, w->index, block * w->dev->block_size, w->dev->block_size) < 0)
+                log_debug("%s", error_message());
+}
+
+void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero) {
+        /* A block sent again (a pre-copy cycle) replaces the one we may have cached (or are
+         * reading: torn, perhaps). */
+        for (uint64_t b = first; b < first + count && b < w->queued.nbits; b++) {
+                lock_block(w, b);
+                drop_cached(w, b);
+                if (zero) {
+                        bitmap_clear(&w->queued, b);
+                } else {
+                        bitmap_set(&w->queued, b);
+                        pthread_cond_signal(&w->wake);
+                }
+                pthread_mutex_unlock(&w->lock);
+        }
+}
+
+void page_warmer_dirtied(struct page_warmer *w, uint64_t block) {
+        lock_block(w, block);
+        /* No read of it is in flight (we hold the lock), none starts until it is back. */
+        if (block < w->queued.nbits) {
+                bitmap_clear(&w->queued, block);
+                drop_cached(w, block);
+        }
+        pthread_mutex_unlock(&w->lock);
+}
+
+void page_warmer_free(struct page_warmer *w) {
+        if (!w)
+                return;
+        uint64_t t = clock_now_ns(), before;
+        pthread_mutex_lock(&w->lock);
+        before = w->blocks_read;
+        w->draining = true;
+        w->drain_deadline_ns = t + PAGE_WARMER_DRAIN_NS;
+        pthread_cond_signal(&w->wake);
+        pthread_mutex_unlock(&w->lock);
+        if (w->running)
+                pthread_join(w->thread, NULL);
+        log_debug("page cache: %" PRIu64 " blocks read ahead in %.1f ms, the last %" PRIu64 " in %.1f ms at the hand-over",
+                  w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before, (clock_now_ns() - t) / 1e6);
+        bitmap_free(&w->queued);
+        bitmap_free(&w->cached);
+        close(w->fd);
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->wake);
+        pthread_cond_destroy(&w->landed);
+        free(w);
+}

@@ -1,0 +1,34 @@
+/* page_warmer.h — on a receiving peer, keep the VM's memory file in the kernel's page cache as its
+ * blocks arrive, so that the VM's first touches after the hand-over are minor faults instead of
+ * FUSE reads (each of which fetches a whole readahead window, megabytes, on the downtime path).
+ *
+ * A thread reads every arrived block through the FUSE file (readahead off, so it reads exactly
+ * the blocks it asks for). When a block it read arrives again (a pre-copy cycle) or is about to
+ * go missing (a DIRTY list), its cached pages are dropped first, after any read of it in
+ * flight; a read of a block that is not present is never issued, so the thread never waits for
+ * the migration.
+ * Stop it before the VM may run (at the hand-over): from then on the VM's own faults fill the
+ * cache, and a late read could cache a page the VM has since written. */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "drafter/block_device.h"
+#include "drafter/fuse_export.h"
+
+struct page_warmer;
+
+/* For the device `dev` (a waiting cache) served as file `index` of `fx`. Reads nothing yet. */
+int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *dev, struct page_warmer **ret_warmer);
+/* Queue every block present now and start the thread. */
+int page_warmer_run(struct page_warmer *w);
+/* Blocks [first, first+count) arrived (`zero`: zeros, not worth reading ahead: a VM rarely
+ * touches never-used memory soon, and such a fault is a cheap read). Thread-safe. */
+void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero);
+/* Block `block` is about to be marked missing: afterwards no cached page of it remains. */
+void page_warmer_dirtied(struct page_warmer *w, uint64_t block);
+/* Read what is still queued (the last blocks of a migration: the VM's hottest pages, about to
+ * be touched first), for at most a few ms; stop the thread and free. Nothing may arrive
+ * meanwhile. NULL is fine. */
+void page_warmer_free(struct page_warmer *w);
