@@ -35,6 +35,7 @@ enum migrate_role { MIGRATE_ROLE_SOURCE = 1, MIGRATE_ROLE_DESTINATION = 2 };
 enum migrate_capability {
         MIGRATE_CAP_ZSTD = 1u << 0,
         MIGRATE_CAP_ZERO_RUNS = 1u << 1,
+        MIGRATE_CAP_BARRIER = 1u << 2, /* EVENT BARRIER / BARRIER_ACK */
 };
 
 enum migrate_device_flag { MIGRATE_DEVICE_SHAREDBASE = 1u << 0 };
@@ -46,6 +47,8 @@ enum migrate_event {
         MIGRATE_EVENT_AUTHORITY_ACK = 4,
         MIGRATE_EVENT_COMPLETED = 5,
         MIGRATE_EVENT_COMPLETED_ACK = 6,
+        MIGRATE_EVENT_BARRIER = 7,     /* src: answer once everything sent before this is applied */
+        MIGRATE_EVENT_BARRIER_ACK = 8, /* dst */
 };
 
 struct migrate_device_info {

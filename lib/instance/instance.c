@@ -776,7 +776,8 @@ char *instance_summary_json(const struct instance *inst, const struct migrate_st
         if (j && out)
                 json_object_set_new(
                         j, "migratedOut",
-                        json_pack("{s:b,s:I,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f}", "completed", out->completed, "cycles",
+                        json_pack("{s:b,s:b,s:I,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f}", "completed", out->completed,
+                                  "finalPushed", out->final_pushed, "cycles",
                                   (json_int_t)out->cycles, "blocksSent", (json_int_t)out->blocks_sent, "bytesSent",
                                   (json_int_t)out->bytes_sent, "finalDirtyBlocks", (json_int_t)out->final_dirty_blocks,
                                   "needAtServed", (json_int_t)out->need_at_served, "bulkMs", out->bulk_ns / 1e6,

@@ -16,7 +16,10 @@
 #include <unistd.h>
 
 #define WARM_RUN_BYTES (1u << 20)
-/* At the hand-over the VM waits for what is still queued: at most this long. */
+/* A block is read once it has not changed for this long: a hot block is sent again each cycle,
+ * and reading it each time would only cost the migration's thread an invalidation. */
+#define PAGE_WARMER_SETTLE_NS (150 * NSEC_PER_MSEC)
+/* At the hand-over the VM waits for what is still queued, settled or not: at most this long. */
 #define PAGE_WARMER_DRAIN_NS (5 * NSEC_PER_MSEC)
 
 struct page_warmer {
@@ -30,6 +33,7 @@ struct page_warmer {
         pthread_cond_t wake, landed;
         uint64_t flight_first, flight_count; /* the blocks being read, with the lock released */
         struct bitmap queued;
+        uint64_t *arrived_ns; /* per block: when it last arrived */
         struct bitmap cached; /* read by us: the page cache may hold these blocks */
         bool stop, draining, running;
         uint64_t drain_deadline_ns;
@@ -47,9 +51,13 @@ int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *d
                 return error_set_errno(-errno, "page cache: cannot open %s", path);
         /* Exactly the pages asked for: readahead would also read blocks that have not arrived. */
         int r = posix_fadvise(w->fd, 0, 0, POSIX_FADV_RANDOM);
+        if (r == 0 && !(w->arrived_ns = calloc(block_device_block_count(dev) ? block_device_block_count(dev) : 1, 8)))
+                r = -ENOMEM;
         if (r == 0 && (r = bitmap_init(&w->queued, block_device_block_count(dev))) == 0 &&
             (r = bitmap_init(&w->cached, block_device_block_count(dev))) < 0)
                 bitmap_free(&w->queued);
+        if (r != 0)
+                free(w->arrived_ns);
         if (r != 0) {
                 close(w->fd);
                 return r > 0 ? error_set_errno(-r, "page cache: %s", path) : r;
@@ -64,17 +72,27 @@ int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *d
         return 0;
 }
 
-/* The next run of queued, present blocks (at most WARM_RUN_BYTES), taken off the queue; false if
- * none is queued. Called with the lock held. */
+/* Present and (unless draining) settled. */
+static bool ready(struct page_warmer *w, uint64_t block, uint64_t now) {
+        return waiting_cache_present(w->dev, block) &&
+               (w->draining || now - w->arrived_ns[block] >= PAGE_WARMER_SETTLE_NS);
+}
+
+/* The next run of queued, ready blocks (at most WARM_RUN_BYTES), taken off the queue; false if
+ * none is ready. Called with the lock held. */
 static bool next_run(struct page_warmer *w, uint64_t *cursor, uint64_t *ret_first, uint64_t *ret_count) {
-        uint64_t n = w->queued.nbits, max = WARM_RUN_BYTES / w->dev->block_size;
+        uint64_t n = w->queued.nbits, max = WARM_RUN_BYTES / w->dev->block_size, now = clock_now_ns();
         for (int pass = 0; pass < 2; pass++, *cursor = 0) {
                 for (uint64_t b = bitmap_next_set(&w->queued, *cursor); b < n; b = bitmap_next_set(&w->queued, b + 1)) {
+                        if (!waiting_cache_present(w->dev, b)) {
+                                bitmap_clear(&w->queued, b); /* it will be queued again when it arrives */
+                                continue;
+                        }
+                        if (!ready(w, b, now))
+                                continue;
                         bitmap_clear(&w->queued, b);
-                        if (!waiting_cache_present(w->dev, b))
-                                continue; /* it will be queued again when it arrives */
                         uint64_t e = b + 1;
-                        while (e < n && e - b < max && bitmap_test(&w->queued, e) && waiting_cache_present(w->dev, e))
+                        while (e < n && e - b < max && bitmap_test(&w->queued, e) && ready(w, e, now))
                                 bitmap_clear(&w->queued, e++);
                         *cursor = e;
                         *ret_first = b;
@@ -100,7 +118,10 @@ static void *warm_thread(void *arg) {
                 if (!next_run(w, &cursor, &first, &count)) {
                         if (w->draining)
                                 break;
-                        pthread_cond_wait(&w->wake, &w->lock);
+                        /* Queued blocks settle with time, not with a signal. */
+                        struct timespec ts;
+                        clock_deadline_after(PAGE_WARMER_SETTLE_NS / 3, &ts);
+                        pthread_cond_timedwait(&w->wake, &w->lock, &ts);
                         continue;
                 }
                 /* Every block in the range is present and stays so until the read is done
@@ -152,6 +173,7 @@ static void drop_cached(struct page_warmer *w, uint64_t block) {
 void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero) {
         /* A block sent again (a pre-copy cycle) replaces the one we may have cached (or are
          * reading: torn, perhaps). */
+        uint64_t now = clock_now_ns();
         for (uint64_t b = first; b < first + count && b < w->queued.nbits; b++) {
                 lock_block(w, b);
                 drop_cached(w, b);
@@ -159,7 +181,7 @@ void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, 
                         bitmap_clear(&w->queued, b);
                 } else {
                         bitmap_set(&w->queued, b);
-                        pthread_cond_signal(&w->wake);
+                        w->arrived_ns[b] = now;
                 }
                 pthread_mutex_unlock(&w->lock);
         }
@@ -191,6 +213,7 @@ void page_warmer_free(struct page_warmer *w) {
                   w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before, (clock_now_ns() - t) / 1e6);
         bitmap_free(&w->queued);
         bitmap_free(&w->cached);
+        free(w->arrived_ns);
         close(w->fd);
         pthread_mutex_destroy(&w->lock);
         pthread_cond_destroy(&w->wake);

@@ -138,6 +138,9 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 case MIGRATE_EVENT_BULK_DONE:
                 case MIGRATE_EVENT_SUSPENDED:
                         break;
+                case MIGRATE_EVENT_BARRIER: /* everything before it is applied: we handle frames in order */
+                        r = send_event(d, MIGRATE_EVENT_BARRIER_ACK);
+                        break;
                 case MIGRATE_EVENT_AUTHORITY:
                         if (d->cfg.disable_postcopy)
                                 d->authority_pending = true;
@@ -264,7 +267,8 @@ static int handshake(struct destination *d) {
         struct migrate_message m;
         uint8_t p[20];
         int r = send_frame(d, MIGRATE_HELLO, MIGRATE_CONNECTION, p,
-                           migrate_encode_hello(p, MIGRATE_ROLE_DESTINATION, MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD));
+                           migrate_encode_hello(p, MIGRATE_ROLE_DESTINATION,
+                                                MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD | MIGRATE_CAP_BARRIER));
         if (r < 0)
                 return r;
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)

@@ -193,11 +193,13 @@ int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_devi
                         break;
                 case MIGRATE_EVENT_SUSPENDED:
                 case MIGRATE_EVENT_AUTHORITY:
+                case MIGRATE_EVENT_BARRIER:
                         if (!from_source || d)
                                 return BAD("event %u must come from the source for the connection", m.event);
                         break;
                 case MIGRATE_EVENT_AUTHORITY_ACK:
                 case MIGRATE_EVENT_COMPLETED_ACK:
+                case MIGRATE_EVENT_BARRIER_ACK:
                         if (from_source || d)
                                 return BAD("event %u must come from the destination for the connection", m.event);
                         break;

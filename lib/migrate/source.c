@@ -37,7 +37,7 @@ struct source {
         pthread_cond_t changed;
         struct need *needs;
         size_t need_head, need_count, need_cap;
-        bool authority_ack, completed_ack, reader_done;
+        bool authority_ack, completed_ack, reader_done, barrier_ack;
         bool authority_sent; /* the AUTHORITY frame was written whole: the destination may act on it */
         bool refused;        /* an ERROR came from the destination before any AUTHORITY_ACK */
         int peer_error;
@@ -56,6 +56,7 @@ struct source {
         size_t buf_cap, zstd_cap;
         ZSTD_CCtx *cctx;
         bool raw_only;          /* no compression: the VM is paused and the link outruns zstd */
+        double link_rate;       /* note_rate() */
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
         struct migrate_stats stats;
@@ -170,6 +171,8 @@ static void *reader_thread(void *arg) {
                                 bitmap_clear(&s->pending[m.device], b);
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_AUTHORITY_ACK) {
                         s->authority_ack = true;
+                } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_BARRIER_ACK) {
+                        s->barrier_ack = true;
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_COMPLETED_ACK) {
                         if (!s->authority_ack) {
                                 s->peer_error = -EPROTO;
@@ -335,6 +338,13 @@ static bool precopy_enabled(const struct migrate_source_device *sd) {
 }
 
 /* Pre-copy cycles. A device that has converged keeps its dirty blocks for the final phase. */
+/* The link's rate as a stretch of sending showed it (bytes/s): the best seen, from stretches
+ * long enough to mean something. The bulk pass alone says little: mostly zero runs. */
+static void note_rate(struct source *s, uint64_t bytes, uint64_t ns) {
+        if (bytes >= (1u << 20) && ns > 0)
+                s->link_rate = MAX(s->link_rate, bytes * 1e9 / ns);
+}
+
 static int cycles(struct source *s) {
         size_t n = s->cfg->count;
         _cleanup_free_ bool *converged = calloc(n ? n : 1, sizeof(bool));
@@ -383,12 +393,15 @@ static int cycles(struct source *s) {
                                 return r;
                         bool done = (cycle + 1 >= sd->min_cycles && (int64_t)count <= sd->max_dirty_blocks) ||
                                     cycle + 1 >= sd->max_cycles;
+                        uint64_t t = clock_now_ns(), bytes = s->stats.bytes_sent;
                         for (size_t i = 0; i < count && r >= 0; i++) {
                                 if (done)
                                         bitmap_set(&s->pending[di], blocks[i]); /* kept for the final phase */
                                 else
                                         r = send_block(s, di, blocks[i]);
                         }
+                        if (r >= 0 && !done && (r = flush_blocks(s)) >= 0)
+                                note_rate(s, s->stats.bytes_sent - bytes, clock_now_ns() - t);
                         log_debug("migration: device %zu cycle %" PRId64 ": %zu dirty blocks%s", di, cycle + 1, count,
                                   done ? ", converged" : "");
                         free(blocks);
@@ -440,10 +453,37 @@ static int wait_for(struct source *s, bool *flag) {
         return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
 }
 
+/* BARRIER, and wait for its acknowledgement, serving NEED_AT meanwhile. */
+static int barrier(struct source *s) {
+        int r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_BARRIER);
+        if (r < 0 || (r = flush_blocks(s)) < 0)
+                return r;
+        for (;;) {
+                if ((r = serve_needs(s, false)) < 0)
+                        return r;
+                pthread_mutex_lock(&s->lock);
+                if (!s->barrier_ack && !s->peer_error && !s->reader_done && s->need_count == 0) {
+                        struct timespec ts;
+                        clock_deadline_after(5 * NSEC_PER_MSEC, &ts);
+                        pthread_cond_timedwait(&s->changed, &s->lock, &ts);
+                }
+                bool done = s->barrier_ack, failed = s->peer_error || s->reader_done;
+                s->barrier_ack = false;
+                pthread_mutex_unlock(&s->lock);
+                if (done)
+                        return 0;
+                if (failed) {
+                        r = peer_failed(s);
+                        return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
+                }
+        }
+}
+
 static int handshake(struct source *s) {
         uint8_t p[20];
         struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
-                                                    MIGRATE_CAP_ZERO_RUNS | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0))};
+                                                    MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER |
+                                                            (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0))};
         int r = send_frame(s, MIGRATE_HELLO, MIGRATE_CONNECTION, &iov, 1);
         if (r < 0)
                 return r;
@@ -462,7 +502,8 @@ static int handshake(struct source *s) {
         if (m.hello.version != MIGRATE_VERSION)
                 return error_set(-EPROTO, "migration: destination speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
-        s->caps = m.hello.capabilities & (MIGRATE_CAP_ZERO_RUNS | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
+        s->caps = m.hello.capabilities &
+                  (MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
 
         uint8_t *dp;
         uint32_t dlen;
@@ -519,10 +560,13 @@ static int run(struct source *s) {
         if ((r = bulk(s)) < 0)
                 return r;
         s->stats.bulk_ns = clock_now_ns() - t;
-        /* What the link (and our sending) did while it had nothing else to do. */
-        double rate = s->stats.bulk_ns ? s->stats.bytes_sent * 1e9 / s->stats.bulk_ns : 0;
+        note_rate(s, s->stats.bytes_sent, s->stats.bulk_ns);
         t = clock_now_ns();
         if ((r = cycles(s)) < 0)
+                return r;
+        /* The destination may still be applying the last cycle's blocks (it is the slower side
+         * on a busy host): let it catch up while the VM still runs, not while it is paused. */
+        if ((s->caps & MIGRATE_CAP_BARRIER) && (r = barrier(s)) < 0)
                 return r;
         s->stats.cycles_ns = clock_now_ns() - t;
 
@@ -547,9 +591,11 @@ static int run(struct source *s) {
          * blocks pushed ahead of the hand-over when the link moves them quicker than the
          * destination could ask for them one fault at a time; else their list goes ahead and
          * they follow the hand-over (post-copy). */
-        s->raw_only = rate > MIGRATE_RAW_RATE;
+        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
         bool push = s->cfg->push_budget_ns &&
-                    final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, rate * (double)s->cfg->push_budget_ns / 1e9);
+                    final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
+        log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,
+                  push ? "pushed ahead of the hand-over" : "after the hand-over");
         for (size_t di = 0; di < s->cfg->count; di++) {
                 struct bitmap *p = &s->pending[di];
                 if (!push) {

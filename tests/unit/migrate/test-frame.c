@@ -149,6 +149,8 @@ static void test_malformed(void **state) {
                 {MIGRATE_EVENT, MIGRATE_CONNECTION, true, {1}, 2, "event 1 must come from the source for a device"},
                 {MIGRATE_EVENT, 7, true, {3}, 2, "event 3 must come from the source for the connection"},
                 {MIGRATE_EVENT, MIGRATE_CONNECTION, true, {4}, 2, "event 4 must come from the destination"},
+                {MIGRATE_EVENT, MIGRATE_CONNECTION, false, {7}, 2, "event 7 must come from the source for the connection"},
+                {MIGRATE_EVENT, MIGRATE_CONNECTION, true, {8}, 2, "event 8 must come from the destination"},
                 {MIGRATE_EVENT, MIGRATE_CONNECTION, false, {99}, 2, "unknown event 99"},
                 {MIGRATE_EVENT, MIGRATE_CONNECTION, false, {6}, 3, "EVENT of 3 bytes, expected 2"},
                 {MIGRATE_ERROR, MIGRATE_CONNECTION, false, {0, 0, 0, 0, 10}, 8, "ERROR message length 10 does not match"},
