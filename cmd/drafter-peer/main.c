@@ -46,7 +46,7 @@ int main(int argc, char **argv) {
                 {"json-summary", FLAG_STRING, &json_summary,
                  "File to write a JSON summary of the run's timings to when it ends (leave empty to disable)"},
                 {"laddr", FLAG_STRING, &laddr, "Local address to listen on (leave empty to disable)"},
-                {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in (networking: not yet)"},
+                {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in"},
                 {"qemu-bin", FLAG_STRING, &qemu_bin, "QEMU binary"},
                 {"raddr", FLAG_STRING, &raddr, "Remote address to connect to (leave empty to disable)"},
                 {"resume-timeout", FLAG_DURATION, &resume_timeout, "Maximum time to wait for the VM to resume"},
@@ -64,10 +64,6 @@ int main(int argc, char **argv) {
         if (strcmp(vmm, "qemu") != 0) {
                 log_error("--vmm %s: only qemu is available in this build (firecracker needs /dev/kvm and its binary)",
                           vmm);
-                return 2;
-        }
-        if (*netns) {
-                log_error("--netns %s: networking is not implemented yet; leave it empty", netns);
                 return 2;
         }
         struct device_list devices;
@@ -90,7 +86,8 @@ int main(int argc, char **argv) {
                                      .enable_output = enable_output,
                                      .enable_input = enable_input,
                                      .agent_timeout_ns = (uint64_t)agent_timeout,
-                                     .resume_timeout_ns = (uint64_t)resume_timeout};
+                                     .resume_timeout_ns = (uint64_t)resume_timeout,
+                                     .netns = netns};
         struct instance *inst;
         int status = 1, lfd = -1;
         r = *raddr ? instance_receive(&devices, &o, raddr, disable_postcopy, &inst) : instance_resume(&devices, &o, &inst);

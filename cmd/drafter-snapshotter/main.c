@@ -41,7 +41,7 @@ int main(int argc, char **argv) {
                 {"firecracker-bin", FLAG_STRING, &firecracker_bin, "Firecracker binary"},
                 {"liveness-vsock-port", FLAG_INT, &liveness_port, "Liveness VSocket port"},
                 {"memory-size", FLAG_INT, &memory_mib, "Memory size (in MB)"},
-                {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in (networking: not yet)"},
+                {"netns", FLAG_STRING, &netns, "Network namespace to run the VM in"},
                 {"qemu-bin", FLAG_STRING, &qemu_bin, "QEMU binary"},
                 {"resume-timeout", FLAG_DURATION, &resume_timeout, "Maximum time to wait for the guest to boot"},
                 {"serial-ports", FLAG_STRING, &serial_ports,
@@ -61,10 +61,6 @@ int main(int argc, char **argv) {
         if (strcmp(vmm, "qemu") != 0) {
                 log_error("--vmm %s: only qemu is available in this build (firecracker needs /dev/kvm and its binary)",
                           vmm);
-                return 2;
-        }
-        if (*netns) {
-                log_error("--netns %s: networking is not implemented yet; leave it empty", netns);
                 return 2;
         }
         if (cpu_count < 1 || cpu_count > 64 || memory_mib < 64 || memory_mib % 2 != 0) {
@@ -89,7 +85,8 @@ int main(int argc, char **argv) {
                                      .boot_args = boot_args,
                                      .liveness_port = liveness_port,
                                      .agent_port = agent_port,
-                                     .serial_ports = serial_ports};
+                                     .serial_ports = serial_ports,
+                                     .netns = netns};
         r = instance_snapshot(&devices, &o);
         if (r < 0)
                 log_error("%s", error_message());

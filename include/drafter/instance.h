@@ -29,6 +29,10 @@ struct instance_options {
         const char *boot_args;
         int64_t liveness_port, agent_port;
         const char *serial_ports; /* extra named virtio-serial ports, comma-separated; NULL: none */
+        /* Network namespace (drafter-nat's arkN) to run the VMM in, NULL: ours. The snapshotter
+         * gives the VM a NIC on tap `tap` with MAC `mac` there (recorded in config.json); a
+         * peer resumes such a package only with a namespace that has the same tap. */
+        const char *netns, *tap, *mac;
 };
 
 /* Boot the blueprint of `devices` (snapshotter schema), wait for liveness, call BeforeSuspend,

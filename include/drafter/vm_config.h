@@ -27,6 +27,10 @@ struct vm_config {
          * in the JSON, left out when empty. */
         char serial_ports[VM_CONFIG_MAX_SERIAL_PORTS][32];
         int serial_port_count;
+        /* The VM's network interface, a tap of that name in the namespace it runs in (net.h),
+         * or tap[0] == '\0' for none. "network": {"tap", "mac"} in the JSON, left out without. */
+        char tap[16];
+        char mac[18];
 };
 
 /* To JSON (malloc'd, ends with a newline). */

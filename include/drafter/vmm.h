@@ -58,6 +58,10 @@ struct vmm_config {
          * ignored: the console has one backend). */
         bool enable_output, enable_input;
         const char *console_log; /* NULL: <runtime_dir>/console.log; only without enable_output */
+        /* A virtio-net NIC on tap device `tap` (which must exist where QEMU runs) with this MAC;
+         * NULL: none. QEMU runs in the named network namespace `netns` (/run/netns/NAME), NULL: ours. */
+        const char *tap, *mac;
+        const char *netns;
 };
 
 struct vmm;

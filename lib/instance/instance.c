@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -208,6 +209,13 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                                 .port_count = 2,
                                 .enable_output = o->enable_output,
                                 .enable_input = o->enable_input};
+        if (o->netns && *o->netns) {
+                snprintf(vc.tap, sizeof(vc.tap), "%s", o->tap ? o->tap : "tap0");
+                snprintf(vc.mac, sizeof(vc.mac), "%s", o->mac ? o->mac : "02:0e:d9:fd:68:3d");
+                mc.tap = vc.tap;
+                mc.mac = vc.mac;
+                mc.netns = o->netns;
+        }
         if (r >= 0 && o->serial_ports && (r = vm_config_set_serial_ports(&vc, o->serial_ports)) >= 0)
                 for (int i = 0; i < vc.serial_port_count; i++)
                         mc.ports[mc.port_count++] = vc.serial_ports[i];
@@ -311,7 +319,7 @@ struct instance {
         } events[16];
         size_t event_count;
         /* Receiving: the memory file kept in the page cache until the hand-over (page_warmer.h);
-         * set (atomically) once QEMU has started, taken and freed at the hand-over. */
+         * set once the mount is up, freed at the hand-over; under `lock`. */
         struct page_warmer *warmer;
         size_t warm_index; /* the memory device in the migration's table */
         pthread_mutex_t lock;
@@ -455,6 +463,15 @@ static int start_vmm(struct instance *inst) {
                                 .enable_input = o->enable_input};
         for (int i = 0; i < inst->cfg.serial_port_count; i++)
                 mc.ports[mc.port_count++] = inst->cfg.serial_ports[i];
+        if (inst->cfg.tap[0] && !(o->netns && *o->netns))
+                return error_set(-EINVAL, "the package's VM has a network interface (tap %s): run it with --netns "
+                                 "(a namespace of drafter-nat)", inst->cfg.tap);
+        if (inst->cfg.tap[0]) {
+                mc.tap = inst->cfg.tap;
+                mc.mac = inst->cfg.mac;
+        }
+        if (o->netns && *o->netns)
+                mc.netns = o->netns;
         for (int i = 0; i < inst->cfg.drive_count; i++)
                 mc.drives[mc.drive_count++] = (struct vmm_drive){
                         inst->cfg.drives[i], fuse_export_path(inst->fx, index_of(devices, inst->cfg.drives[i])), false};
@@ -551,21 +568,29 @@ static int receive_failed(struct instance *inst, int r) {
         return fail_instance(inst, r);
 }
 
-static struct page_warmer *warmer_of(struct instance *inst, size_t index) {
-        struct page_warmer *w = __atomic_load_n(&inst->warmer, __ATOMIC_ACQUIRE);
-        return w && index == inst->warm_index ? w : NULL;
-}
-
+/* The warmer is used under inst->lock, so instance_free() can take it away from under the
+ * receiving thread. */
 static void on_blocks(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero) {
-        struct page_warmer *w = warmer_of(ctx, index);
-        if (w)
-                page_warmer_arrived(w, first, count, zero);
+        struct instance *inst = ctx;
+        pthread_mutex_lock(&inst->lock);
+        if (inst->warmer && index == inst->warm_index)
+                page_warmer_arrived(inst->warmer, first, count, zero);
+        pthread_mutex_unlock(&inst->lock);
 }
 
 static void on_dirty(void *ctx, size_t index, uint64_t block) {
-        struct page_warmer *w = warmer_of(ctx, index);
-        if (w)
-                page_warmer_dirtied(w, block);
+        struct instance *inst = ctx;
+        pthread_mutex_lock(&inst->lock);
+        if (inst->warmer && index == inst->warm_index)
+                page_warmer_dirtied(inst->warmer, block);
+        pthread_mutex_unlock(&inst->lock);
+}
+
+static void stop_warmer(struct instance *inst) {
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_free(inst->warmer);
+        inst->warmer = NULL;
+        pthread_mutex_unlock(&inst->lock);
 }
 
 /* Published before it reads anything, so it sees every DIRTY list; started under the lock the
@@ -582,7 +607,7 @@ static void start_warmer(struct instance *inst) {
         }
         pthread_mutex_lock(&inst->lock);
         if (!inst->authority) {
-                __atomic_store_n(&inst->warmer, w, __ATOMIC_RELEASE);
+                inst->warmer = w;
                 if (page_warmer_run(w) < 0)
                         log_debug("%s", error_message());
                 w = NULL;
@@ -595,7 +620,8 @@ static int on_authority(void *ctx) {
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
         /* From now on the VM may run and write its pages: the warmer stops reading. */
-        page_warmer_free(__atomic_exchange_n(&inst->warmer, NULL, __ATOMIC_ACQ_REL));
+        page_warmer_free(inst->warmer);
+        inst->warmer = NULL;
         inst->authority = true;
         pthread_cond_broadcast(&inst->changed);
         pthread_mutex_unlock(&inst->lock);
@@ -720,7 +746,14 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                                              * by one after it resumed. */
                                             .push_budget_ns = 20 * NSEC_PER_MSEC};
         struct migrate_stats st = {0};
+        /* The running VM comes first: on a busy host the sending thread yields to its vCPUs
+         * (the destination, paused until the hand-over, is not slowed). */
+        errno = 0;
+        int nice_before = getpriority(PRIO_PROCESS, (id_t)gettid());
+        bool reniced = errno == 0 && setpriority(PRIO_PROCESS, (id_t)gettid(), MIN(nice_before + 5, 19)) == 0;
         int r = migrate_source_run(fd, &cfg, &st);
+        if (reniced && setpriority(PRIO_PROCESS, (id_t)gettid(), nice_before) < 0)
+                log_debug("migration: cannot restore the thread's priority: %m");
         if (ret_stats)
                 *ret_stats = st;
         if (st.authority_sent_at_ns)
@@ -857,6 +890,7 @@ void instance_free(struct instance *inst) {
         if (!inst)
                 return;
         vmm_free(inst->vm);
+        stop_warmer(inst); /* it reads through the mount */
         fuse_export_stop(inst->fx);
         /* Stops the receiving thread before the devices it writes to are closed. */
         migrate_destination_free(inst->dest);

@@ -19,6 +19,8 @@ char *vm_config_format(const struct vm_config *c) {
                               (json_int_t)c->memory_bytes, "stateBytes", (json_int_t)c->state_bytes, "bootArgs",
                               c->boot_args, "livenessVSockPort", (json_int_t)c->liveness_port, "agentVSockPort",
                               (json_int_t)c->agent_port, "drives", drives);
+        if (j && c->tap[0])
+                json_object_set_new(j, "network", json_pack("{s:s,s:s}", "tap", c->tap, "mac", c->mac));
         if (j && c->serial_port_count > 0) {
                 json_t *ports = json_array();
                 for (int i = 0; i < c->serial_port_count; i++)
@@ -133,6 +135,11 @@ int vm_config_parse(const char *text, size_t len, const char *what, struct vm_co
                 else
                         snprintf(c.drives[c.drive_count++], sizeof(c.drives[0]), "%s", json_string_value(d));
         }
+        json_t *net = json_object_get(root, "network");
+        if (r >= 0 && net &&
+            (!json_is_object(net) || (r = get_string(net, what, "tap", c.tap, sizeof(c.tap))) < 0 ||
+             (r = get_string(net, what, "mac", c.mac, sizeof(c.mac))) < 0 || !c.tap[0]))
+                r = error_set(-EINVAL, "%s: field \"network\" must be {\"tap\": NAME, \"mac\": MAC}", what);
         json_t *ports = json_object_get(root, "serialPorts");
         if (r >= 0 && ports && (!json_is_array(ports) || json_array_size(ports) > VM_CONFIG_MAX_SERIAL_PORTS))
                 r = error_set(-EINVAL, "%s: field \"serialPorts\" must be an array of at most %d port names", what,

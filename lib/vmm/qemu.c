@@ -11,11 +11,13 @@
 #include "drafter/error.h"
 #include "drafter/fs.h"
 #include "drafter/log.h"
+#include "drafter/net.h"
 #include "qmp.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -442,6 +444,15 @@ static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool i
                 argv_add(a, "-device");
                 argv_add(a, "virtio-blk-pci,drive=%s,id=%s", d->name, d->name);
         }
+        if (cfg->tap) {
+                _cleanup_free_ char *tap = qemu_opt_escape(cfg->tap);
+                if (!tap)
+                        return -ENOMEM;
+                argv_add(a, "-netdev");
+                argv_add(a, "tap,id=net0,ifname=%s,script=no,downscript=no", tap);
+                argv_add(a, "-device");
+                argv_add(a, "virtio-net-pci,netdev=net0,mac=%s", cfg->mac);
+        }
         if (vm->port_count > 0) {
                 argv_add(a, "-device");
                 argv_add(a, "virtio-serial-pci");
@@ -490,6 +501,9 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
         int stdin_fd = input ? STDIN_FILENO : null_fd;
         int stdout_fd = cfg->enable_output ? STDOUT_FILENO : log_fd;
 
+        _cleanup_close_ int netns_fd = -EBADF;
+        if (cfg->netns && (netns_fd = netns_open(cfg->netns)) < 0)
+                return error_prefix(netns_fd, "qemu");
         pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0)
@@ -510,6 +524,12 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                 if (dup2(stdin_fd, STDIN_FILENO) < 0 || dup2(stdout_fd, STDOUT_FILENO) < 0 ||
                     dup2(log_fd, STDERR_FILENO) < 0)
                         _exit(127);
+                if (netns_fd >= 0 && setns(netns_fd, CLONE_NEWNET) < 0) {
+                        static const char msg[] = "drafter: cannot enter the network namespace\n";
+                        ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+                        (void)ignored;
+                        _exit(127);
+                }
                 close_range(3, ~0U, 0); /* no fd of ours (FUSE, sockets, pipes) lives on in QEMU */
                 execv(qemu_path, argv);
                 static const char msg[] = "drafter: cannot execute QEMU\n";

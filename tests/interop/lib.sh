@@ -58,3 +58,14 @@ stop_server() {
 random_file() {
         python3 -c 'import random,sys; r=random.Random(int(sys.argv[2])); sys.stdout.buffer.write(r.randbytes(int(sys.argv[1])))' "$2" "$3" >"$1"
 }
+
+# make_wan PREFIX: a stand-in host interface for drafter-nat: PREFIXw0 (198.51.100.1/24) on the
+# host, its veth peer in namespace PREFIXwan (198.51.100.2/24). The caller removes both.
+make_wan() {
+        ip netns add "$1wan"
+        ip link add "$1w0" type veth peer name "$1w1"
+        ip link set "$1w1" netns "$1wan"
+        ip addr add 198.51.100.1/24 dev "$1w0" && ip link set "$1w0" up
+        ip -n "$1wan" addr add 198.51.100.2/24 dev "$1w1" && ip -n "$1wan" link set "$1w1" up
+        ip -n "$1wan" link set lo up
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# VMs on drafter-nat's namespaces: a blueprint whose app serves HTTP on port 8080 and keeps
+# fetching a page from a server beyond the host interface (a WAN namespace, reached only through
+# the NAT) is snapshotted in namespace 0, and the package resumed in namespaces 1 and 2 at once;
+# each VM reaches the WAN server, and the host reaches each VM at its own address (10.0.15.2,
+# 10.0.15.3). A package with a NIC refuses to run without --netns. Nothing is left afterwards.
+. "$(dirname "$0")/lib.sh"
+need qemu-system-x86_64 python3 ip nft busybox
+((EUID == 0)) || { echo "SKIP: needs root (network namespaces)"; exit 77; }
+[[ -e /dev/net/tun && -e /dev/fuse ]] || { echo "SKIP: no /dev/net/tun or /dev/fuse"; exit 77; }
+: "${DRAFTER_NAT:?}" "${DRAFTER_SNAPSHOTTER:?}" "${DRAFTER_PEER:?}" "${DRAFTER_AGENT:?}" "${DRAFTER_LIVENESS:?}"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+CACHE=${DRAFTER_GUEST_CACHE:-/var/tmp/drafter-guest-cache}
+BP=$CACHE/blueprint-vm-net
+P=dvn$$ P=${P:0:7}
+WAN=${P}wan
+forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward"
+
+# The WAN: a veth into a namespace with an HTTP server; the host interface for the NAT.
+make_wan "$P"
+mkdir -p "$WORK/wan"
+echo "wan-ok" >"$WORK/wan/index.html"
+ip netns exec "$WAN" busybox httpd -f -p 198.51.100.2:8000 -h "$WORK/wan" &
+
+"$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 3 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
+NAT=$!
+for _ in $(seq 1 100); do grep -q "Ready" "$WORK/nat.log" && break; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
+grep -q "Ready" "$WORK/nat.log" || { cat "$WORK/nat.log"; fail "drafter-nat did not start"; }
+
+# shellcheck disable=SC2016 # for the guest's shell
+APP='mkdir -p /www; echo "hello from the VM" > /www/index.html; httpd -p 8080 -h /www; i=0; while :; do i=$((i+1)); r=$(printf "GET / HTTP/1.0\r\n\r\n" | nc -w 2 198.51.100.2 8000 2>/dev/null | tail -n 1); echo "count $i wan=$r"; sleep 0.3; done'
+"$ROOT/guest/build" --agent "$DRAFTER_AGENT" --liveness "$DRAFTER_LIVENESS" --out "$BP" --cache "$CACHE" \
+        --app-cmd "$APP" >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
+FILES='[("state","state.bin"),("memory","memory.bin"),("kernel","vmlinux"),("disk","rootfs.ext4"),("config","config.json"),("oci","oci.ext4")]'
+BPIN='{"kernel":"vmlinux","disk":"rootfs.ext4","oci":"oci.ext4"}'
+json() { python3 -c 'import json,sys; print(json.dumps(eval(sys.argv[1])))' "$1"; }
+"$DRAFTER_SNAPSHOTTER" --netns "${P}0" --memory-size 256 --chroot-base-dir "$WORK/vms" --devices "$(json \
+        "[{'name': n, 'input': ('$BP/' + $BPIN[n]) if n in $BPIN else '', 'output': '$WORK/package/' + f} for n, f in $FILES]")" \
+        >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
+grep -q '"tap": "tap0"' "$WORK/package/config.json" || fail "config.json does not record the NIC"
+peer_devices() { # instance-dir
+        json "[{'name': n, 'base': '$WORK/package/' + f, 'overlay': '$1/overlay/' + f, 'state': '$1/state/' + f,
+                'blockSize': 65536} for n, f in $FILES]"
+}
+
+# Without --netns the package's NIC has nowhere to go.
+rc=0
+"$DRAFTER_PEER" --devices "$(peer_devices "$WORK/x")" --chroot-base-dir "$WORK/vms" >"$WORK/x.out" 2>"$WORK/x.log" || rc=$?
+((rc == 1)) && grep -q "has a network interface (tap tap0): run it with --netns" "$WORK/x.log" ||
+        { cat "$WORK/x.log"; fail "a NIC package without --netns: exit $rc"; }
+
+for i in 1 2; do
+        "$DRAFTER_PEER" --netns "$P$i" --devices "$(peer_devices "$WORK/i$i")" --chroot-base-dir "$WORK/vms" \
+                >"$WORK/i$i.out" 2>"$WORK/i$i.log" &
+        eval "PEER$i=$!"
+done
+wan_seen() { tr -d '\r' <"$1" | grep -c "wan=wan-ok" || true; }
+for i in 1 2; do
+        for _ in $(seq 1 300); do (($(wan_seen "$WORK/i$i.out") >= 3)) && break; sleep 0.1; done
+        (($(wan_seen "$WORK/i$i.out") >= 3)) || { tail -n 5 "$WORK/i$i.out" "$WORK/i$i.log"; fail "VM in $P$i does not reach the WAN server"; }
+        grep -q "Welcome to DrafterOS" "$WORK/i$i.out" && fail "the VM in $P$i booted instead of resuming"
+        addr=10.0.15.$((i + 1))
+        got=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())' "http://$addr:8080/" 2>"$WORK/get.err") || { cat "$WORK/get.err"; fail "the host cannot reach the VM in $P$i at $addr"; }
+        [[ $got == "hello from the VM" ]] || fail "the VM in $P$i answered '$got'"
+        echo "VM in $P$i: reaches the WAN server through the NAT ($(wan_seen "$WORK/i$i.out") fetches), answers the host at $addr"
+done
+for i in 1 2; do
+        eval "pid=\$PEER$i"
+        kill -INT "$pid"
+        wait "$pid" || { cat "$WORK/i$i.log"; fail "peer in $P$i exited with $?"; }
+done
+kill -INT $NAT
+wait $NAT || fail "drafter-nat exited with $?"
+! pgrep -f "qemu-system-x86_64.*$WORK" >/dev/null || fail "QEMU processes left behind"
+! grep -q "$WORK" /proc/mounts || fail "mounts left behind"
+! ip netns list | grep -q "^$P[0-9]" || fail "namespaces left behind"
+echo ok
