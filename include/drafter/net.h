@@ -26,6 +26,28 @@
 #include <stdint.h>
 
 #define NET_MAX_NAMESPACES 256
+/* drafter-nat writes each namespace's host-visible address to NET_ADDRESS_DIR/<name>. */
+#define NET_ADDRESS_DIR "/run/drafter/netns"
+
+/* ---- port forwards (drafter-forwarder) ----
+ * externalAddr ("127.0.0.1:3333", "192.168.1.2:3333") → the VM of namespace `netns`, port
+ * internalPort, tcp or udp: DNAT in one table of ours per process ("drafter-forward-<pid>", inet)
+ * for packets arriving (prerouting) and for local clients (output); local clients from a
+ * loopback address are masqueraded onto the veth, which needs net.ipv4.conf.all.route_localnet
+ * (switched on while any loopback forward exists, restored after). A table whose process is gone
+ * is removed by the next forwarder. */
+struct port_forward {
+        char netns[64];
+        char protocol[4]; /* "tcp" or "udp" */
+        uint16_t internal_port, external_port;
+        char external_ip[16];
+        char target_ip[16]; /* the namespace's host-visible address */
+};
+/* Parse the --port-forwards JSON; each namespace must be one of drafter-nat's. */
+int port_forwards_parse(const char *json, struct port_forward **ret, int *ret_count);
+struct forwarder;
+int forwarder_start(const struct port_forward *forwards, int count, struct forwarder **ret);
+void forwarder_stop(struct forwarder *f);
 
 struct nat_config {
         const char *host_interface;      /* required: where the VMs' traffic leaves */

@@ -345,7 +345,17 @@ static int setup_namespace(struct nat *nat, struct nl_sock *host, struct nat_nam
         struct inside in = {nat, ns};
         if ((r = netns_run(fd, setup_inside, &in)) < 0)
                 return error_prefix(r, "namespace %s", ns->name);
-        return add_route(host, visible, ns->host_veth, ns->ns_ip);
+        if ((r = add_route(host, visible, ns->host_veth, ns->ns_ip)) < 0)
+                return r;
+        /* For drafter-forwarder: where the host reaches this namespace's VM. */
+        char path[256];
+        snprintf(path, sizeof(path), NET_ADDRESS_DIR "/%s", ns->name);
+        mkdir(STATE_DIR, 0755);
+        mkdir(NET_ADDRESS_DIR, 0755);
+        FILE *f = fopen(path, "we");
+        if (!f || fprintf(f, "%s\n", ns->address) < 0 || fclose(f) != 0)
+                return error_set_errno(-errno, "cannot write %s", path);
+        return 0;
 }
 
 /* ---- the pool ---- */
@@ -360,8 +370,12 @@ int nat_clear_leftovers(const char *prefix) {
         DIR *d = opendir("/run/netns");
         struct dirent *e;
         while (d && (e = readdir(d)))
-                if (numbered(e->d_name, prefix) && netns_delete(e->d_name) >= 0)
+                if (numbered(e->d_name, prefix) && netns_delete(e->d_name) >= 0) {
+                        char path[512];
+                        snprintf(path, sizeof(path), NET_ADDRESS_DIR "/%s", e->d_name);
+                        unlink(path);
                         removed++;
+                }
         if (d)
                 closedir(d);
         /* Host ends of veth pairs whose namespace went away are gone with it; any left by a
@@ -488,6 +502,9 @@ void nat_stop(struct nat *nat) {
                         log_error("%s", error_message());
                 if (nat->ns[i].made && netns_delete(nat->ns[i].name) < 0)
                         log_error("%s", error_message());
+                char path[256];
+                snprintf(path, sizeof(path), NET_ADDRESS_DIR "/%s", nat->ns[i].name);
+                unlink(path);
         }
         if (sk)
                 nl_socket_free(sk);
