@@ -17,7 +17,7 @@ leftovers() { # everything of ours that exists, one item a line
         nft list tables | grep -F "drafter-$P" | sed 's/^/nft /' || true
         [[ ! -e /run/drafter/nat-$P.ip_forward ]] || echo "record /run/drafter/nat-$P.ip_forward"
 }
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2 3; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2 3; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
 make_wan "$P"
 
 start_nat() { # log-file

@@ -13,7 +13,7 @@ CACHE=${DRAFTER_GUEST_CACHE:-/var/tmp/drafter-guest-cache}
 BP=$CACHE/blueprint-vm-net-migrate
 P=dvm$$ P=${P:0:7}
 forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del ${P}wan 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del ${P}wan 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
 make_wan "$P"
 "$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 2 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
 NAT=$!
