@@ -15,7 +15,7 @@ BP=$CACHE/blueprint-vm-net
 P=dvn$$ P=${P:0:7}
 WAN=${P}wan
 forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2 3; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
 
 # The WAN: a veth into a namespace with an HTTP server; the host interface for the NAT.
 make_wan "$P"
@@ -23,7 +23,7 @@ mkdir -p "$WORK/wan"
 echo "wan-ok" >"$WORK/wan/index.html"
 ip netns exec "$WAN" busybox httpd -f -p 198.51.100.2:8000 -h "$WORK/wan" &
 
-"$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 3 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
+"$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 4 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
 NAT=$!
 for _ in $(seq 1 100); do grep -q "Ready" "$WORK/nat.log" && break; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
 grep -q "Ready" "$WORK/nat.log" || { cat "$WORK/nat.log"; fail "drafter-nat did not start"; }
