@@ -12,10 +12,12 @@
 #include "drafter/flags.h"
 #include "drafter/fuse_export.h"
 #include "drafter/log.h"
+#include "drafter/signals.h"
 #include "drafter/nbd_server.h"
 #include "drafter/storage.h"
 
 #include <signal.h>
+#include <sys/signalfd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,13 +51,12 @@ int main(int argc, char **argv) {
                 return 2;
         }
 
-        /* Signals go to sigwait() below, not to whichever thread runs. */
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGINT);
-        sigaddset(&stop, SIGTERM);
-        pthread_sigmask(SIG_BLOCK, &stop, NULL);
-        signal(SIGPIPE, SIG_IGN);
+        /* Signals arrive on a descriptor read below, not to whichever thread runs. */
+        _cleanup_close_ int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                return 1;
+        }
 
         struct device_list list;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &list) < 0 ||
@@ -114,8 +115,9 @@ int main(int argc, char **argv) {
         }
 wait:
         fflush(stderr);
-        int sig;
-        sigwait(&stop, &sig);
+        struct signalfd_siginfo si;
+        if (read(sigfd, &si, sizeof(si)) < 0)
+                log_debug("signalfd: %m");
         log_info("Shutting down");
         status = 0;
 out:

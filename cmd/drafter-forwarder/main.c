@@ -3,10 +3,12 @@
 #include "drafter/error.h"
 #include "drafter/flags.h"
 #include "drafter/log.h"
+#include "drafter/signals.h"
 #include "drafter/net.h"
 
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <stdlib.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
@@ -33,12 +35,11 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 return 2;
         }
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGINT);
-        sigaddset(&stop, SIGTERM);
-        sigprocmask(SIG_BLOCK, &stop, NULL);
-        int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
+        int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                return 1;
+        }
         struct forwarder *f;
         if (forwarder_start(fw, count, &f) < 0) {
                 log_error("%s", error_message());

@@ -16,6 +16,7 @@
 #include "drafter/fuse_export.h"
 #include "drafter/gate_device.h"
 #include "drafter/log.h"
+#include "drafter/signals.h"
 #include "drafter/migrate.h"
 #include "drafter/storage.h"
 #include "drafter/transport.h"
@@ -285,13 +286,11 @@ int main(int argc, char **argv) {
                 return 2;
         }
 
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGINT);
-        sigaddset(&stop, SIGTERM);
-        pthread_sigmask(SIG_BLOCK, &stop, NULL);
-        signal(SIGPIPE, SIG_IGN);
-        int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
+        int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                return 1;
+        }
 
         struct mounter m = {.mount_dir = mount_dir,
                             .concurrency = (unsigned)MIN(concurrency, (int64_t)UINT_MAX),

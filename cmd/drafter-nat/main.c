@@ -4,10 +4,12 @@
 #include "drafter/error.h"
 #include "drafter/flags.h"
 #include "drafter/log.h"
+#include "drafter/signals.h"
 #include "drafter/net.h"
 
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -58,12 +60,11 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 return 2;
         }
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGINT);
-        sigaddset(&stop, SIGTERM);
-        sigprocmask(SIG_BLOCK, &stop, NULL);
-        int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
+        int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                return 1;
+        }
         struct nat *nat;
         if (nat_start(&c, &nat) < 0) {
                 log_error("%s", error_message());

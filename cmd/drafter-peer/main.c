@@ -7,6 +7,7 @@
 #include "drafter/fs.h"
 #include "drafter/instance.h"
 #include "drafter/log.h"
+#include "drafter/signals.h"
 #include "drafter/transport.h"
 #include "drafter/cleanup.h"
 
@@ -73,13 +74,11 @@ int main(int argc, char **argv) {
         }
         /* Signals arrive on a descriptor; QEMU runs in its own process group, so a terminal's
          * Ctrl-C reaches us and we suspend the VM properly. */
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGINT);
-        sigaddset(&stop, SIGTERM);
-        pthread_sigmask(SIG_BLOCK, &stop, NULL);
-        signal(SIGPIPE, SIG_IGN);
-        int sigfd = signalfd(-1, &stop, SFD_CLOEXEC);
+        int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                return 1;
+        }
 
         struct instance_options o = {.qemu_bin = qemu_bin,
                                      .runtime_base = chroot_base,

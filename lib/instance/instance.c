@@ -463,15 +463,14 @@ static int start_vmm(struct instance *inst) {
                                 .enable_input = o->enable_input};
         for (int i = 0; i < inst->cfg.serial_port_count; i++)
                 mc.ports[mc.port_count++] = inst->cfg.serial_ports[i];
-        if (inst->cfg.tap[0] && !(o->netns && *o->netns))
+        mc.netns = o->netns && *o->netns ? o->netns : NULL;
+        if (inst->cfg.tap[0] && !mc.netns)
                 return error_set(-EINVAL, "the package's VM has a network interface (tap %s): run it with --netns "
                                  "(a namespace of drafter-nat)", inst->cfg.tap);
         if (inst->cfg.tap[0]) {
                 mc.tap = inst->cfg.tap;
                 mc.mac = inst->cfg.mac;
         }
-        if (o->netns && *o->netns)
-                mc.netns = o->netns;
         for (int i = 0; i < inst->cfg.drive_count; i++)
                 mc.drives[mc.drive_count++] = (struct vmm_drive){
                         inst->cfg.drives[i], fuse_export_path(inst->fx, index_of(devices, inst->cfg.drives[i])), false};

@@ -232,10 +232,10 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
         /* Compression costs more than it saves on incompressible data: after misses in a row,
          * try again only every so often (backing off up to every 64th block). A block read into
          * the slot's buffer is compressed from it into the same buffer's second half. */
-        if (s->raw_only) {
-        } else if (s->cctx && s->compress_skip > 0) {
+        bool try_zstd = s->cctx && !s->raw_only;
+        if (try_zstd && s->compress_skip > 0) {
                 s->compress_skip--;
-        } else if (s->cctx) {
+        } else if (try_zstd) {
                 uint8_t *out = data == slot->buf ? slot->buf + len : slot->buf;
                 size_t cap = data == slot->buf ? s->buf_cap - len : s->buf_cap;
                 size_t n = ZSTD_compressCCtx(s->cctx, out, cap, data, len, 1);
@@ -337,7 +337,6 @@ static bool precopy_enabled(const struct migrate_source_device *sd) {
         return sd->max_dirty_blocks || sd->min_cycles || sd->max_cycles || sd->cycle_throttle_ns;
 }
 
-/* Pre-copy cycles. A device that has converged keeps its dirty blocks for the final phase. */
 /* The link's rate as a stretch of sending showed it (bytes/s): the best seen, from stretches
  * long enough to mean something. The bulk pass alone says little: mostly zero runs. */
 static void note_rate(struct source *s, uint64_t bytes, uint64_t ns) {
@@ -345,6 +344,7 @@ static void note_rate(struct source *s, uint64_t bytes, uint64_t ns) {
                 s->link_rate = MAX(s->link_rate, bytes * 1e9 / ns);
 }
 
+/* Pre-copy cycles. A device that has converged keeps its dirty blocks for the final phase. */
 static int cycles(struct source *s) {
         size_t n = s->cfg->count;
         _cleanup_free_ bool *converged = calloc(n ? n : 1, sizeof(bool));
@@ -438,45 +438,39 @@ static int send_dirty_list(struct source *s, size_t di) {
         }
 }
 
-static int wait_for(struct source *s, bool *flag) {
+/* Wait until the reader sets *flag (or the peer fails). With `serve`, answer NEED_AT meanwhile
+ * (before the hand-over a reader on the destination may be waiting for a block). */
+static int wait_for(struct source *s, bool *flag, bool serve) {
         int r = flush_blocks(s);
         if (r < 0)
                 return r;
-        pthread_mutex_lock(&s->lock);
-        while (!*flag && !s->peer_error && !s->reader_done)
-                pthread_cond_wait(&s->changed, &s->lock);
-        bool ok = *flag;
-        pthread_mutex_unlock(&s->lock);
-        if (ok)
-                return 0;
-        r = peer_failed(s);
-        return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
-}
-
-/* BARRIER, and wait for its acknowledgement, serving NEED_AT meanwhile. */
-static int barrier(struct source *s) {
-        int r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_BARRIER);
-        if (r < 0 || (r = flush_blocks(s)) < 0)
-                return r;
         for (;;) {
-                if ((r = serve_needs(s, false)) < 0)
+                if (serve && (r = serve_needs(s, false)) < 0)
                         return r;
                 pthread_mutex_lock(&s->lock);
-                if (!s->barrier_ack && !s->peer_error && !s->reader_done && s->need_count == 0) {
+                if (!serve) {
+                        while (!*flag && !s->peer_error && !s->reader_done)
+                                pthread_cond_wait(&s->changed, &s->lock);
+                } else if (!*flag && !s->peer_error && !s->reader_done && s->need_count == 0) {
                         struct timespec ts;
                         clock_deadline_after(5 * NSEC_PER_MSEC, &ts);
                         pthread_cond_timedwait(&s->changed, &s->lock, &ts);
                 }
-                bool done = s->barrier_ack, failed = s->peer_error || s->reader_done;
-                s->barrier_ack = false;
+                bool ok = *flag, failed = s->peer_error || s->reader_done;
                 pthread_mutex_unlock(&s->lock);
-                if (done)
+                if (ok)
                         return 0;
-                if (failed) {
-                        r = peer_failed(s);
-                        return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
-                }
+                if (failed)
+                        break;
         }
+        r = peer_failed(s);
+        return r < 0 ? r : error_set(-ECONNRESET, "destination: connection closed");
+}
+
+/* BARRIER, and wait for its acknowledgement. */
+static int barrier(struct source *s) {
+        int r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_BARRIER);
+        return r < 0 ? r : wait_for(s, &s->barrier_ack, true);
 }
 
 static int handshake(struct source *s) {
@@ -630,11 +624,11 @@ static int run(struct source *s) {
                     (r = send_event(s, s->table.devices[di].id, MIGRATE_EVENT_COMPLETED)) < 0)
                         return r;
         }
-        if ((r = wait_for(s, &s->authority_ack)) < 0)
+        if ((r = wait_for(s, &s->authority_ack, false)) < 0)
                 return r;
         s->stats.authority_transferred = true;
         s->stats.authority_ns = clock_now_ns() - t;
-        if ((r = wait_for(s, &s->completed_ack)) < 0)
+        if ((r = wait_for(s, &s->completed_ack, false)) < 0)
                 return r;
         s->stats.completed = true;
         s->stats.total_ns = clock_now_ns() - t0;

@@ -4,13 +4,13 @@
 #include "drafter/error.h"
 #include "drafter/log.h"
 #include "drafter/net.h"
+#include "host.h"
 
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
-#include <nftables/libnftables.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,21 +24,6 @@ struct forwarder {
         char table[64];
         char localnet_before[8]; /* "" if untouched */
 };
-
-static int nft_run(const char *commands, bool quiet) {
-        struct nft_ctx *ctx = nft_ctx_new(NFT_CTX_DEFAULT);
-        if (!ctx)
-                return error_set(-ENOMEM, "nftables: no context");
-        nft_ctx_buffer_error(ctx);
-        nft_ctx_buffer_output(ctx);
-        int r = nft_run_cmd_from_buffer(ctx, commands);
-        if (r != 0 && !quiet) {
-                const char *why = nft_ctx_get_error_buffer(ctx);
-                error_set(-EIO, "nftables: %.*s", (int)strcspn(why ? why : "failed", "\n"), why ? why : "failed");
-        }
-        nft_ctx_free(ctx);
-        return r != 0 ? -EIO : 0;
-}
 
 static int parse_port(const char *text, const char *what, uint16_t *ret) {
         char *end;
@@ -55,14 +40,11 @@ static int namespace_address(const char *netns, char *buf, size_t size) {
         if (!*netns || strchr(netns, '/'))
                 return error_set(-EINVAL, "netns \"%s\" is not a namespace name", netns);
         snprintf(path, sizeof(path), NET_ADDRESS_DIR "/%s", netns);
-        FILE *f = fopen(path, "re");
-        if (!f)
+        if (access(path, F_OK) < 0)
                 return error_set(-ENOENT, "netns \"%s\" is not a namespace of a running drafter-nat", netns);
-        bool ok = fgets(buf, (int)size, f) != NULL;
-        fclose(f);
-        buf[strcspn(buf, "\n")] = '\0';
+        net_read_line(path, buf, size);
         struct in_addr a;
-        return ok && inet_pton(AF_INET, buf, &a) == 1 ? 0 : error_set(-EINVAL, "%s: no address in it", path);
+        return inet_pton(AF_INET, buf, &a) == 1 ? 0 : error_set(-EINVAL, "%s: no address in it", path);
 }
 
 int port_forwards_parse(const char *text, struct port_forward **ret, int *ret_count) {
@@ -123,22 +105,6 @@ int port_forwards_parse(const char *text, struct port_forward **ret, int *ret_co
         return 0;
 }
 
-static void read_line(const char *path, char *buf, size_t size) {
-        buf[0] = '\0';
-        FILE *f = fopen(path, "re");
-        if (f && fgets(buf, (int)size, f))
-                buf[strcspn(buf, "\n")] = '\0';
-        if (f)
-                fclose(f);
-}
-
-static int write_line(const char *path, const char *value) {
-        FILE *f = fopen(path, "we");
-        if (!f || fprintf(f, "%s\n", value) < 0 || fclose(f) != 0)
-                return error_set_errno(-errno, "cannot write %s", path);
-        return 0;
-}
-
 /* Tables of forwarders that are gone (killed), with what they changed. */
 static void clear_stale(void) {
         DIR *d = opendir("/run/drafter");
@@ -150,11 +116,11 @@ static void clear_stale(void) {
                         continue;
                 char path[512], before[8], cmd[128];
                 snprintf(path, sizeof(path), "/run/drafter/%s", e->d_name);
-                read_line(path, before, sizeof(before));
+                net_read_line(path, before, sizeof(before));
                 snprintf(cmd, sizeof(cmd), "delete table inet drafter-forward-%d\n", pid);
-                nft_run(cmd, true);
+                net_nft(cmd, true);
                 if (*before)
-                        write_line(ROUTE_LOCALNET, before);
+                        net_write_line(ROUTE_LOCALNET, before);
                 unlink(path);
                 log_info("Removed the rules of a forwarder that is gone (pid %d)", pid);
         }
@@ -177,9 +143,9 @@ int forwarder_start(const struct port_forward *fw, int count, struct forwarder *
         char path[256];
         snprintf(path, sizeof(path), "/run/drafter/forward-%d.route_localnet", (int)getpid());
         if (loopback)
-                read_line(ROUTE_LOCALNET, f->localnet_before, sizeof(f->localnet_before));
+                net_read_line(ROUTE_LOCALNET, f->localnet_before, sizeof(f->localnet_before));
         mkdir("/run/drafter", 0755);
-        int r = write_line(path, f->localnet_before);
+        int r = net_write_line(path, f->localnet_before);
         if (r < 0)
                 return r;
         int n = snprintf(cmd, cap,
@@ -200,12 +166,12 @@ int forwarder_start(const struct port_forward *fw, int count, struct forwarder *
                               "add rule inet %s postrouting ip daddr %s %s dport %u fib saddr type local masquerade\n",
                               f->table, p->target_ip, p->protocol, p->internal_port);
         }
-        if ((r = nft_run(cmd, false)) < 0) {
-                nft_run(strcat(strcpy(cmd, "delete table inet "), f->table), true);
+        if ((r = net_nft(cmd, false)) < 0) {
+                net_nft(strcat(strcpy(cmd, "delete table inet "), f->table), true);
                 unlink(path);
                 return r;
         }
-        if (loopback && (r = write_line(ROUTE_LOCALNET, "1")) < 0) {
+        if (loopback && (r = net_write_line(ROUTE_LOCALNET, "1")) < 0) {
                 forwarder_stop(TAKE_PTR(f));
                 return r;
         }
@@ -218,9 +184,9 @@ void forwarder_stop(struct forwarder *f) {
                 return;
         char cmd[128], path[256];
         snprintf(cmd, sizeof(cmd), "delete table inet %s\n", f->table);
-        if (nft_run(cmd, false) < 0)
+        if (net_nft(cmd, false) < 0)
                 log_error("%s", error_message());
-        if (*f->localnet_before && write_line(ROUTE_LOCALNET, f->localnet_before) < 0)
+        if (*f->localnet_before && net_write_line(ROUTE_LOCALNET, f->localnet_before) < 0)
                 log_error("%s", error_message());
         snprintf(path, sizeof(path), "/run/drafter/forward-%d.route_localnet", (int)getpid());
         unlink(path);

@@ -4,6 +4,7 @@
 #include "drafter/error.h"
 #include "drafter/log.h"
 #include "drafter/net.h"
+#include "host.h"
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -15,7 +16,6 @@
 #include <netlink/route/link.h>
 #include <netlink/route/link/veth.h>
 #include <netlink/route/route.h>
-#include <nftables/libnftables.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -229,40 +229,6 @@ static int delete_link(struct nl_sock *sk, const char *name) {
 
 /* ---- nftables and sysctl ---- */
 
-static int nft(const char *commands) {
-        struct nft_ctx *ctx = nft_ctx_new(NFT_CTX_DEFAULT);
-        if (!ctx)
-                return error_set(-ENOMEM, "nftables: no context");
-        nft_ctx_buffer_error(ctx);
-        nft_ctx_buffer_output(ctx);
-        int r = nft_run_cmd_from_buffer(ctx, commands);
-        if (r != 0) {
-                const char *why = nft_ctx_get_error_buffer(ctx);
-                error_set(-EIO, "nftables: %.*s", (int)strcspn(why ? why : "failed", "\n"), why ? why : "failed");
-        }
-        nft_ctx_free(ctx);
-        return r != 0 ? -EIO : 0;
-}
-
-static int write_sysctl(const char *path, const char *value) {
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
-        if (fd < 0)
-                return error_set_errno(-errno, "%s", path);
-        ssize_t n = write(fd, value, strlen(value));
-        int e = errno;
-        close(fd);
-        return n < 0 ? error_set_errno(-e, "%s", path) : 0;
-}
-
-static void read_sysctl(const char *path, char *buf, size_t size) {
-        buf[0] = '\0';
-        FILE *f = fopen(path, "re");
-        if (f && fgets(buf, (int)size, f))
-                buf[strcspn(buf, "\n")] = '\0';
-        if (f)
-                fclose(f);
-}
-
 static void state_path(const char *prefix, char *path, size_t size) {
         snprintf(path, size, STATE_DIR "/nat-%s.ip_forward", prefix);
 }
@@ -310,8 +276,8 @@ static int setup_inside(void *arg) {
             (r = make_tap(c->namespace_interface)) >= 0 &&
             (r = add_address(sk, c->namespace_interface, gw, c->namespace_interface_netmask)) >= 0 &&
             (r = link_up(sk, c->namespace_interface)) >= 0 && (r = add_route(sk, "0.0.0.0/0", ns->ns_veth, ns->host_ip)) >= 0 &&
-            (r = write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")) >= 0)
-                r = nft(cmd);
+            (r = net_write_line("/proc/sys/net/ipv4/ip_forward", "1")) >= 0)
+                r = net_nft(cmd, false);
         nl_socket_free(sk);
         return r;
 }
@@ -352,10 +318,7 @@ static int setup_namespace(struct nat *nat, struct nl_sock *host, struct nat_nam
         snprintf(path, sizeof(path), NET_ADDRESS_DIR "/%s", ns->name);
         mkdir(STATE_DIR, 0755);
         mkdir(NET_ADDRESS_DIR, 0755);
-        FILE *f = fopen(path, "we");
-        if (!f || fprintf(f, "%s\n", ns->address) < 0 || fclose(f) != 0)
-                return error_set_errno(-errno, "cannot write %s", path);
-        return 0;
+        return net_write_line(path, ns->address);
 }
 
 /* ---- the pool ---- */
@@ -393,14 +356,11 @@ int nat_clear_leftovers(const char *prefix) {
                 nl_socket_free(sk);
         char cmd[128];
         snprintf(cmd, sizeof(cmd), "delete table inet drafter-%s\n", prefix);
-        char probe[128];
-        snprintf(probe, sizeof(probe), "list table inet drafter-%s\n", prefix);
-        if (nft(probe) == 0 && nft(cmd) < 0)
-                log_debug("%s", error_message());
+        net_nft(cmd, true); /* if a crashed run left it */
         char path[256], before[8] = "";
         state_path(prefix, path, sizeof(path));
-        read_sysctl(path, before, sizeof(before));
-        if (*before && write_sysctl("/proc/sys/net/ipv4/ip_forward", before) >= 0)
+        net_read_line(path, before, sizeof(before));
+        if (*before && net_write_line("/proc/sys/net/ipv4/ip_forward", before) >= 0)
                 unlink(path);
         return removed;
 }
@@ -408,14 +368,13 @@ int nat_clear_leftovers(const char *prefix) {
 static int setup_host(struct nat *nat) {
         const struct nat_config *c = &nat->cfg;
         char path[256], cmd[2048];
-        read_sysctl("/proc/sys/net/ipv4/ip_forward", nat->forward_before, sizeof(nat->forward_before));
+        net_read_line("/proc/sys/net/ipv4/ip_forward", nat->forward_before, sizeof(nat->forward_before));
         state_path(c->namespace_prefix, path, sizeof(path));
         mkdir(STATE_DIR, 0755);
-        FILE *f = fopen(path, "we");
-        if (!f || fprintf(f, "%s\n", nat->forward_before) < 0 || fclose(f) != 0)
-                return error_set_errno(-errno, "cannot record the ip_forward setting in %s", path);
-        int r = write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+        int r = net_write_line(path, nat->forward_before);
         if (r < 0)
+                return error_prefix(r, "cannot record the ip_forward setting");
+        if ((r = net_write_line("/proc/sys/net/ipv4/ip_forward", "1")) < 0)
                 return r;
         int n = snprintf(cmd, sizeof(cmd),
                          "add table inet %s\n"
@@ -433,7 +392,7 @@ static int setup_host(struct nat *nat) {
                 n += snprintf(cmd + n, sizeof(cmd) - (size_t)n,
                               "add rule inet %s forward oifname \"%s-h*\" ct state new drop\n", nat->table,
                               c->namespace_prefix);
-        if ((r = nft(cmd)) < 0)
+        if ((r = net_nft(cmd, false)) < 0)
                 return r;
         nat->table_made = true;
         return 0;
@@ -510,12 +469,12 @@ void nat_stop(struct nat *nat) {
                 nl_socket_free(sk);
         char cmd[128];
         snprintf(cmd, sizeof(cmd), "delete table inet %s\n", nat->table);
-        if (nat->table_made && nft(cmd) < 0)
+        if (nat->table_made && net_nft(cmd, false) < 0)
                 log_error("%s", error_message());
         if (*nat->forward_before) {
                 char path[256];
                 state_path(nat->cfg.namespace_prefix, path, sizeof(path));
-                if (write_sysctl("/proc/sys/net/ipv4/ip_forward", nat->forward_before) < 0)
+                if (net_write_line("/proc/sys/net/ipv4/ip_forward", nat->forward_before) < 0)
                         log_error("%s", error_message());
                 else
                         unlink(path);

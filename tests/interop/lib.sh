@@ -69,3 +69,43 @@ make_wan() {
         ip -n "$1wan" addr add 198.51.100.2/24 dev "$1w1" && ip -n "$1wan" link set "$1w1" up
         ip -n "$1wan" link set lo up
 }
+
+# ---- drafter-nat tests (need root) ----
+# net_teardown PREFIX IP_FORWARD_BEFORE: what a test of drafter-nat made with this prefix (the
+# WAN of make_wan, namespaces, the table, our records, FUSE mounts under $WORK), even after a failure.
+net_teardown() {
+        local m ns
+        for m in $(grep "$WORK" /proc/mounts | awk '{print $2}'); do fusermount3 -uz "$m"; done
+        ip netns del "$1wan"
+        ip link del "$1w0"
+        for ns in $(ip netns list | awk '{print $1}' | grep -E "^$1[0-9]+$"); do ip netns del "$ns"; done
+        nft delete table inet "drafter-$1"
+        echo "$2" >/proc/sys/net/ipv4/ip_forward
+        rm -f "/run/drafter/nat-$1.ip_forward" "/run/drafter/netns/$1"*
+} 2>/dev/null
+
+# start_nat PREFIX COUNT LOG: drafter-nat on make_wan's interface; sets NAT to its pid.
+start_nat() {
+        "$DRAFTER_NAT" --host-interface "$1w0" --max-namespaces "$2" --namespace-prefix "$1" >"$3" 2>&1 &
+        NAT=$!
+        for _ in $(seq 1 100); do grep -q "Ready" "$3" && return 0; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
+        cat "$3"; fail "drafter-nat did not get ready"
+}
+
+# The six devices of a package, and Python-literal JSON.
+PKG_FILES='[("state","state.bin"),("memory","memory.bin"),("kernel","vmlinux"),("disk","rootfs.ext4"),("config","config.json"),("oci","oci.ext4")]'
+pyjson() { python3 -c 'import json,sys; print(json.dumps(eval(sys.argv[1])))' "$1"; }
+
+# snapshot_in_netns BLUEPRINT NETNS PACKAGE: drafter-snapshotter --netns, 256 MiB.
+snapshot_in_netns() {
+        local inputs='{"kernel":"vmlinux","disk":"rootfs.ext4","oci":"oci.ext4"}'
+        "$DRAFTER_SNAPSHOTTER" --netns "$2" --memory-size 256 --chroot-base-dir "$WORK/vms" --devices "$(pyjson \
+                "[{'name': n, 'input': ('$1/' + $inputs[n]) if n in $inputs else '', 'output': '$3/' + f} for n, f in $PKG_FILES]")" \
+                >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
+}
+
+# package_peer_devices PACKAGE INSTANCE [PYTHON-DICT-OF-MORE-FIELDS]: --devices of a peer.
+package_peer_devices() {
+        pyjson "[dict({'name': n, 'base': '$1/' + f, 'overlay': '$2/overlay/' + f, 'state': '$2/state/' + f,
+                       'blockSize': 65536}, **${3:-{\}}) for n, f in $PKG_FILES]"
+}

@@ -9,7 +9,6 @@ need ip nft busybox
 [[ -e /dev/net/tun ]] || { echo "SKIP: no /dev/net/tun"; exit 77; }
 : "${DRAFTER_NAT:?}"
 P=dtst$$ P=${P:0:7}  # the prefix: unique to this run, short enough for veth names
-WAN=${P}wan
 forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
 leftovers() { # everything of ours that exists, one item a line
         ip netns list | awk '{print $1}' | grep -E "^${P}[0-9]+$" | sed 's/^/netns /' || true
@@ -17,17 +16,10 @@ leftovers() { # everything of ours that exists, one item a line
         nft list tables | grep -F "drafter-$P" | sed 's/^/nft /' || true
         [[ ! -e /run/drafter/nat-$P.ip_forward ]] || echo "record /run/drafter/nat-$P.ip_forward"
 }
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2 3; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; net_teardown $P $forward_before"
 make_wan "$P"
 
-start_nat() { # log-file
-        "$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 4 --namespace-prefix "$P" >"$1" 2>&1 &
-        NAT=$!
-        for _ in $(seq 1 100); do grep -q "Ready" "$1" && return 0; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
-        cat "$1"; fail "drafter-nat did not get ready"
-}
-
-start_nat "$WORK/nat.log"
+start_nat "$P" 4 "$WORK/nat.log"
 for i in 0 1 2 3; do
         ns=$P$i
         ip netns list | grep -qw "$ns" || fail "namespace $ns missing"
@@ -56,11 +48,11 @@ left=$(leftovers)
 [[ $(cat /proc/sys/net/ipv4/ip_forward) == "$forward_before" ]] || fail "ip_forward not restored"
 echo "SIGINT: nothing left, ip_forward back to $forward_before"
 
-start_nat "$WORK/nat2.log"
+start_nat "$P" 4 "$WORK/nat2.log"
 kill -9 $NAT
 wait $NAT 2>/dev/null || true
 [[ -n "$(leftovers)" ]] || fail "a SIGKILLed run left nothing? (the test would prove nothing)"
-start_nat "$WORK/nat3.log"
+start_nat "$P" 4 "$WORK/nat3.log"
 grep -q "Removed 4 namespaces a previous run left behind" "$WORK/nat3.log" || { cat "$WORK/nat3.log"; fail "leftovers not reported"; }
 kill -INT $NAT
 wait $NAT || fail "drafter-nat exited with $?"

@@ -13,27 +13,17 @@ CACHE=${DRAFTER_GUEST_CACHE:-/var/tmp/drafter-guest-cache}
 BP=$CACHE/blueprint-vm-net-migrate
 P=dvm$$ P=${P:0:7}
 forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del ${P}wan 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; net_teardown $P $forward_before"
 make_wan "$P"
-"$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 2 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
-NAT=$!
-for _ in $(seq 1 100); do grep -q "Ready" "$WORK/nat.log" && break; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
-grep -q "Ready" "$WORK/nat.log" || { cat "$WORK/nat.log"; fail "drafter-nat did not start"; }
+start_nat "$P" 2 "$WORK/nat.log"
 
 # shellcheck disable=SC2016 # for the guest's shell
 APP='mkdir -p /www; echo "count 0" > /www/index.html; httpd -p 8080 -h /www; i=0; while :; do i=$((i+1)); echo "count $i" > /www/n; mv /www/n /www/index.html; sleep 0.1; done'
 "$ROOT/guest/build" --agent "$DRAFTER_AGENT" --liveness "$DRAFTER_LIVENESS" --out "$BP" --cache "$CACHE" \
         --app-cmd "$APP" >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
-FILES='[("state","state.bin"),("memory","memory.bin"),("kernel","vmlinux"),("disk","rootfs.ext4"),("config","config.json"),("oci","oci.ext4")]'
-BPIN='{"kernel":"vmlinux","disk":"rootfs.ext4","oci":"oci.ext4"}'
-json() { python3 -c 'import json,sys; print(json.dumps(eval(sys.argv[1])))' "$1"; }
-"$DRAFTER_SNAPSHOTTER" --netns "${P}0" --memory-size 256 --chroot-base-dir "$WORK/vms" --devices "$(json \
-        "[{'name': n, 'input': ('$BP/' + $BPIN[n]) if n in $BPIN else '', 'output': '$WORK/package/' + f} for n, f in $FILES]")" \
-        >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
-peer_devices() { # base-dir instance-dir
-        json "[{'name': n, 'base': '$1/' + f, 'overlay': '$2/overlay/' + f, 'state': '$2/state/' + f,
-                'blockSize': 65536, 'maxDirtyBlocks': 64, 'minCycles': 1, 'maxCycles': 5, 'cycleThrottle': 0}
-               for n, f in $FILES]"
+snapshot_in_netns "$BP" "${P}0" "$WORK/package"
+peer_devices() { # package-dir instance-dir
+        package_peer_devices "$1" "$2" "{'maxDirtyBlocks': 64, 'minCycles': 1, 'maxCycles': 5, 'cycleThrottle': 0}"
 }
 L=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 forward() { # namespace log

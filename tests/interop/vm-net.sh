@@ -15,7 +15,7 @@ BP=$CACHE/blueprint-vm-net
 P=dvn$$ P=${P:0:7}
 WAN=${P}wan
 forward_before=$(cat /proc/sys/net/ipv4/ip_forward)
-on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; for m in \$(grep $WORK /proc/mounts | awk '{print \$2}'); do fusermount3 -uz \$m; done; ip netns del $WAN 2>/dev/null; ip link del ${P}w0 2>/dev/null; for n in 0 1 2 3; do ip netns del $P\$n 2>/dev/null; done; nft delete table inet drafter-$P 2>/dev/null; echo $forward_before > /proc/sys/net/ipv4/ip_forward; rm -f /run/drafter/nat-$P.ip_forward /run/drafter/netns/$P*"
+on_exit "kill -9 \$(jobs -p) 2>/dev/null; sleep 0.2; net_teardown $P $forward_before"
 
 # The WAN: a veth into a namespace with an HTTP server; the host interface for the NAT.
 make_wan "$P"
@@ -23,26 +23,15 @@ mkdir -p "$WORK/wan"
 echo "wan-ok" >"$WORK/wan/index.html"
 ip netns exec "$WAN" busybox httpd -f -p 198.51.100.2:8000 -h "$WORK/wan" &
 
-"$DRAFTER_NAT" --host-interface "${P}w0" --max-namespaces 4 --namespace-prefix "$P" >"$WORK/nat.log" 2>&1 &
-NAT=$!
-for _ in $(seq 1 100); do grep -q "Ready" "$WORK/nat.log" && break; kill -0 $NAT 2>/dev/null || break; sleep 0.1; done
-grep -q "Ready" "$WORK/nat.log" || { cat "$WORK/nat.log"; fail "drafter-nat did not start"; }
+start_nat "$P" 4 "$WORK/nat.log"
 
 # shellcheck disable=SC2016 # for the guest's shell
 APP='mkdir -p /www; echo "hello from the VM" > /www/index.html; httpd -p 8080 -h /www; i=0; while :; do i=$((i+1)); r=$(printf "GET / HTTP/1.0\r\n\r\n" | nc -w 2 198.51.100.2 8000 2>/dev/null | tail -n 1); echo "count $i wan=$r"; sleep 0.3; done'
 "$ROOT/guest/build" --agent "$DRAFTER_AGENT" --liveness "$DRAFTER_LIVENESS" --out "$BP" --cache "$CACHE" \
         --app-cmd "$APP" >"$WORK/build.log" 2>&1 || { tail -20 "$WORK/build.log"; fail "guest build failed"; }
-FILES='[("state","state.bin"),("memory","memory.bin"),("kernel","vmlinux"),("disk","rootfs.ext4"),("config","config.json"),("oci","oci.ext4")]'
-BPIN='{"kernel":"vmlinux","disk":"rootfs.ext4","oci":"oci.ext4"}'
-json() { python3 -c 'import json,sys; print(json.dumps(eval(sys.argv[1])))' "$1"; }
-"$DRAFTER_SNAPSHOTTER" --netns "${P}0" --memory-size 256 --chroot-base-dir "$WORK/vms" --devices "$(json \
-        "[{'name': n, 'input': ('$BP/' + $BPIN[n]) if n in $BPIN else '', 'output': '$WORK/package/' + f} for n, f in $FILES]")" \
-        >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
+snapshot_in_netns "$BP" "${P}0" "$WORK/package"
 grep -q '"tap": "tap0"' "$WORK/package/config.json" || fail "config.json does not record the NIC"
-peer_devices() { # instance-dir
-        json "[{'name': n, 'base': '$WORK/package/' + f, 'overlay': '$1/overlay/' + f, 'state': '$1/state/' + f,
-                'blockSize': 65536} for n, f in $FILES]"
-}
+peer_devices() { package_peer_devices "$WORK/package" "$1"; } # instance-dir
 
 # Without --netns the package's NIC has nowhere to go.
 rc=0
