@@ -107,6 +107,12 @@ static int authority_hook(void *ctx) {
                 if (!w->dest_seen || pthread_create(&w->dest_reader, NULL, read_everything, w) != 0)
                         return -ENOMEM;
                 w->dest_reader_running = true;
+                /* Hold the receiving thread (this hook runs on it) while the reader reaches
+                 * missing blocks: without it a small final set can all arrive before the reader
+                 * gets to it, since the source sends raw and fast while paused, and no read
+                 * would have to ask. The source meanwhile fills the socket and waits, so the
+                 * blocks the reader asks for are still pending there. */
+                clock_sleep_ns(20 * NSEC_PER_MSEC);
         }
         return 0;
 }
