@@ -43,29 +43,7 @@ done
 
 cp --sparse=always "$BLUEPRINT/rootfs.ext4" "$WORK/rootfs.ext4"
 cp --sparse=always "$BLUEPRINT/oci.ext4" "$WORK/oci.ext4"
-start_ns=$(date +%s%N)
-qemu-system-x86_64 -nodefaults -no-user-config -machine q35 -accel tcg,thread=single -cpu max -m 256M \
-        -display none -kernel "$WORK/bzImage" -initrd "$WORK/initrd" \
-        -append "console=ttyS0 panic=-1 rootfstype=ext4 root=/dev/vda rootflags=rw" \
-        -serial "file:$WORK/console.log" \
-        -drive "if=none,id=disk,file=$WORK/rootfs.ext4,format=raw" -device virtio-blk-pci,drive=disk \
-        -drive "if=none,id=oci,file=$WORK/oci.ext4,format=raw" -device virtio-blk-pci,drive=oci \
-        -netdev user,id=net0,restrict=on -device virtio-net-pci,netdev=net0 \
-        -device virtio-serial-pci \
-        -chardev "socket,id=liveness,path=$WORK/liveness.sock,server=on,wait=off" \
-        -device virtserialport,chardev=liveness,name=drafter.liveness \
-        -chardev "socket,id=agent,path=$WORK/agent.sock,server=on,wait=off" \
-        -device virtserialport,chardev=agent,name=drafter.agent \
-        -no-reboot 2>"$WORK/qemu.log" &
-QEMU_PID=$!
-on_exit "kill $QEMU_PID 2>/dev/null; wait $QEMU_PID 2>/dev/null"
-
-show_console() {
-        echo "--- console (last 40 lines) ---" >&2
-        tail -n 40 "$WORK/console.log" >&2 || true
-        echo "--- qemu ---" >&2
-        cat "$WORK/qemu.log" >&2 || true
-}
+boot_raw_qemu "user,id=net0,restrict=on"
 elapsed() { echo "$((($(date +%s%N) - start_ns) / 1000000))"; } # ms since QEMU started
 
 welcome_ms='' count_ms=''

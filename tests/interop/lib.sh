@@ -54,6 +54,35 @@ stop_server() {
         [[ ! -e "$WORK/nbd.sock" ]] || fail "server left its socket behind"
 }
 
+# boot_raw_qemu NETDEV: boot $WORK/{bzImage,initrd,rootfs.ext4,oci.ext4} under QEMU as a host
+# would (vda, vdb, a virtio-net NIC on -netdev NETDEV, the two named virtio-serial ports), the
+# console in $WORK/console.log; sets QEMU_PID and start_ns, and defines show_console.
+boot_raw_qemu() {
+        start_ns=$(date +%s%N)
+        qemu-system-x86_64 -nodefaults -no-user-config -machine q35 -accel tcg,thread=single -cpu max -m 256M \
+                -display none -kernel "$WORK/bzImage" -initrd "$WORK/initrd" \
+                -append "console=ttyS0 panic=-1 rootfstype=ext4 root=/dev/vda rootflags=rw" \
+                -serial "file:$WORK/console.log" \
+                -drive "if=none,id=disk,file=$WORK/rootfs.ext4,format=raw" -device virtio-blk-pci,drive=disk \
+                -drive "if=none,id=oci,file=$WORK/oci.ext4,format=raw" -device virtio-blk-pci,drive=oci \
+                -netdev "$1" -device virtio-net-pci,netdev=net0 \
+                -device virtio-serial-pci \
+                -chardev "socket,id=liveness,path=$WORK/liveness.sock,server=on,wait=off" \
+                -device virtserialport,chardev=liveness,name=drafter.liveness \
+                -chardev "socket,id=agent,path=$WORK/agent.sock,server=on,wait=off" \
+                -device virtserialport,chardev=agent,name=drafter.agent \
+                -no-reboot 2>"$WORK/qemu.log" &
+        QEMU_PID=$!
+        on_exit "kill $QEMU_PID 2>/dev/null; wait $QEMU_PID 2>/dev/null"
+}
+
+show_console() {
+        echo "--- console (last 40 lines) ---" >&2
+        tail -n 40 "$WORK/console.log" >&2 || true
+        echo "--- qemu ---" >&2
+        cat "$WORK/qemu.log" >&2 || true
+}
+
 # random_file PATH SIZE_BYTES SEED: deterministic data.
 random_file() {
         python3 -c 'import random,sys; r=random.Random(int(sys.argv[2])); sys.stdout.buffer.write(r.randbytes(int(sys.argv[1])))' "$2" "$3" >"$1"
