@@ -41,6 +41,11 @@ struct migrate_source_config {
          * link, at the rate it kept during the bulk pass, sends them within this time (at least
          * 2 MiB of them: state and config take that much). 0: never, always post-copy. */
         uint64_t push_budget_ns;
+        /* Hand over at once: no bulk pass, no cycles, no suspend; AUTHORITY goes right after the
+         * handshake and every block follows it, NEED_AT requests first, then in device order.
+         * For devices nothing writes to while they are served (drafter-registry's package), so
+         * the destination starts its VM before anything has arrived and fetches on demand. */
+        bool lazy;
 };
 
 #define MIGRATE_MAX_BATCH 64

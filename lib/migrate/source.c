@@ -57,6 +57,7 @@ struct source {
         ZSTD_CCtx *cctx;
         bool raw_only;          /* no compression: the VM is paused and the link outruns zstd */
         double link_rate;       /* note_rate() */
+        uint64_t suspend_started_ns;
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
         struct migrate_stats stats;
@@ -519,15 +520,11 @@ static int handshake(struct source *s) {
         return 0;
 }
 
-static int run(struct source *s) {
-        uint64_t t0 = clock_now_ns(), t;
-        int r = handshake(s);
-        if (r < 0)
-                return r;
-        if (pthread_create(&s->reader, NULL, reader_thread, s) != 0)
-                return error_set(-EAGAIN, "migration: cannot start the reader thread");
-        s->reader_running = true;
-
+/* Everything before the hand-over: bulk pass, dirty cycles, barrier, suspend, the final set
+ * (pushed, or listed for post-copy). */
+static int precopy(struct source *s) {
+        int r;
+        uint64_t t;
         /* SHAREDBASE: the destination reads unsent blocks from its base; it must wait for the
          * ones we will send, and writes to any block from now on must be tracked. */
         for (size_t di = 0; di < s->cfg->count; di++) {
@@ -565,6 +562,7 @@ static int run(struct source *s) {
         s->stats.cycles_ns = clock_now_ns() - t;
 
         t = clock_now_ns();
+        s->suspend_started_ns = t;
         uint64_t final_bytes = 0;
         if (s->cfg->suspend && (r = s->cfg->suspend(s->cfg->ctx)) < 0)
                 return r;
@@ -603,12 +601,32 @@ static int run(struct source *s) {
         }
         if (push)
                 s->stats.final_pushed = true;
+        return 0;
+}
+
+static int run(struct source *s) {
+        uint64_t t0 = clock_now_ns(), t;
+        int r = handshake(s);
+        if (r < 0)
+                return r;
+        if (pthread_create(&s->reader, NULL, reader_thread, s) != 0)
+                return error_set(-EAGAIN, "migration: cannot start the reader thread");
+        s->reader_running = true;
+
+        if (s->cfg->lazy) {
+                for (size_t di = 0; di < s->cfg->count; di++)
+                        bitmap_set_all(&s->pending[di]);
+                log_debug("migration: lazy hand-over, every block after AUTHORITY");
+                s->suspend_started_ns = clock_now_ns();
+        } else if ((r = precopy(s)) < 0) {
+                return r;
+        }
         if ((r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_SUSPENDED)) < 0 ||
             (r = send_event(s, MIGRATE_CONNECTION, MIGRATE_EVENT_AUTHORITY)) < 0)
                 return r;
         s->authority_sent = true;
         s->stats.authority_sent_at_ns = clock_now_ns();
-        s->stats.suspend_ns = s->stats.authority_sent_at_ns - t;
+        s->stats.suspend_ns = s->stats.authority_sent_at_ns - s->suspend_started_ns;
 
         /* Post-copy: what the destination asks for first, then the rest in order. */
         t = clock_now_ns();
