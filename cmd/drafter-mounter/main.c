@@ -209,7 +209,7 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
                 const struct device_config *c = m->cfg[i];
                 const struct bitmap *only = c->sharedbase ? cow_device_present(m->bottom[i]) : NULL;
                 devs[i] = (struct migrate_source_device){c->name, m->tracker[i], m->vm[i], only, c->max_dirty_blocks,
-                                                         c->min_cycles, c->max_cycles, c->cycle_throttle_ns};
+                                                         c->min_cycles, c->max_cycles, c->cycle_throttle_ns, NULL};
         }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = m->count,

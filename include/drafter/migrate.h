@@ -21,6 +21,8 @@ struct migrate_source_device {
         struct volatility_monitor *vm;  /* NULL: index order */
         const struct bitmap *only;      /* sharedbase: send only these blocks (the overlay's presence) */
         int64_t max_dirty_blocks, min_cycles, max_cycles, cycle_throttle_ns;
+        const struct bitmap *zero;      /* lazy: blocks known to be all zeros, sent as zero runs ahead of the
+                                         * hand-over (NULL: none known) */
 };
 
 struct migrate_source_config {

@@ -731,7 +731,7 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                                 continue;
                         devs[n++] = (struct migrate_source_device){c->name, inst->devs[i], inst->vms[i], inst->only[i],
                                                                    c->max_dirty_blocks, c->min_cycles, c->max_cycles,
-                                                                   c->cycle_throttle_ns};
+                                                                   c->cycle_throttle_ns, NULL};
                 }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = devices->count,

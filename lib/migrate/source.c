@@ -58,6 +58,8 @@ struct source {
         bool raw_only;          /* no compression: the VM is paused and the link outruns zstd */
         double link_rate;       /* note_rate() */
         uint64_t suspend_started_ns;
+        uint64_t last_need_ns;       /* when the reader last queued a NEED_AT */
+        uint64_t last_background_ns; /* lazy: when a block nobody asked for last went out */
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
         struct migrate_stats stats;
@@ -166,6 +168,7 @@ static void *reader_thread(void *arg) {
                                 s->needs[(s->need_head + s->need_count) % s->need_cap] =
                                         (struct need){m.device, m.range.first, m.range.count};
                                 s->need_count++;
+                                s->last_need_ns = clock_now_ns();
                         }
                 } else if (m.type == MIGRATE_DONT_NEED_AT) {
                         for (uint64_t b = m.range.first; b < m.range.first + m.range.count; b++)
@@ -520,6 +523,61 @@ static int handshake(struct source *s) {
         return 0;
 }
 
+/* Lazy migrations over a slow link: while the destination is asking for blocks (its VM faulting
+ * on them), blocks nobody asked for would queue ahead of the answers and add their transfer time
+ * to every fault. So they wait until the requests have been quiet for LAZY_QUIET_NS, except one
+ * every LAZY_BACKGROUND_NS, so the stream always ends. */
+#define LAZY_QUIET_NS (5 * NSEC_PER_MSEC)
+#define LAZY_BACKGROUND_NS (20 * NSEC_PER_MSEC)
+
+static int yield_to_demand(struct source *s) {
+        int r = flush_blocks(s);
+        for (;;) {
+                if (r < 0 || (r = serve_needs(s, true)) < 0 || (r = flush_blocks(s)) < 0)
+                        return r;
+                uint64_t now = clock_now_ns();
+                pthread_mutex_lock(&s->lock);
+                uint64_t quiet_at = s->last_need_ns + LAZY_QUIET_NS;
+                uint64_t due_at = s->last_background_ns + LAZY_BACKGROUND_NS;
+                bool go = now >= quiet_at || now >= due_at || s->peer_error || s->reader_done;
+                if (!go && s->need_count == 0) {
+                        struct timespec ts;
+                        clock_deadline_after(MIN(quiet_at, due_at) - now, &ts);
+                        pthread_cond_timedwait(&s->changed, &s->lock, &ts);
+                }
+                pthread_mutex_unlock(&s->lock);
+                if (go) {
+                        s->last_background_ns = now;
+                        return 0;
+                }
+        }
+}
+
+/* A lazy migration's known zero blocks, as runs: a guest's first touches are mostly of free
+ * (zero) pages, which then need no round trip. */
+static int send_known_zeros(struct source *s, size_t di) {
+        const struct bitmap *z = s->cfg->devices[di].zero;
+        if (!z || !(s->caps & MIGRATE_CAP_ZERO_RUNS))
+                return 0;
+        uint16_t id = s->table.devices[di].id;
+        for (uint64_t b = bitmap_next_set(z, 0); b < z->nbits;) {
+                uint64_t end = MIN(bitmap_next_clear(z, b), b + UINT32_MAX);
+                uint8_t p[12];
+                struct iovec iov = {p, migrate_encode_range(p, b, (uint32_t)(end - b))};
+                int r = send_frame(s, MIGRATE_BLOCK_ZERO, id, &iov, 1);
+                if (r < 0)
+                        return r;
+                for (uint64_t i = b; i < end; i++) {
+                        bitmap_clear(&s->pending[di], i);
+                        bitmap_set(&s->sent[di], i);
+                }
+                s->stats.zero_blocks += end - b;
+                s->stats.blocks_sent += end - b;
+                b = end < z->nbits ? bitmap_next_set(z, end) : z->nbits;
+        }
+        return 0;
+}
+
 /* Everything before the hand-over: bulk pass, dirty cycles, barrier, suspend, the final set
  * (pushed, or listed for post-copy). */
 static int precopy(struct source *s) {
@@ -614,8 +672,11 @@ static int run(struct source *s) {
         s->reader_running = true;
 
         if (s->cfg->lazy) {
-                for (size_t di = 0; di < s->cfg->count; di++)
+                for (size_t di = 0; di < s->cfg->count; di++) {
                         bitmap_set_all(&s->pending[di]);
+                        if ((r = send_known_zeros(s, di)) < 0)
+                                return r;
+                }
                 log_debug("migration: lazy hand-over, every block after AUTHORITY");
                 s->suspend_started_ns = clock_now_ns();
         } else if ((r = precopy(s)) < 0) {
@@ -633,7 +694,7 @@ static int run(struct source *s) {
         for (size_t di = 0; di < s->cfg->count; di++) {
                 const struct bitmap *p = &s->pending[di];
                 for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
-                        if ((r = serve_needs(s, true)) < 0)
+                        if ((r = serve_needs(s, true)) < 0 || (s->cfg->lazy && (r = yield_to_demand(s)) < 0))
                                 return r;
                         if (bitmap_test_and_clear(&s->pending[di], b) && (r = send_block(s, di, b)) < 0)
                                 return r;

@@ -1,5 +1,7 @@
 /* waiting_cache.c — reads of blocks that have not arrived wait for them (see waiting_cache.h). */
 #include "drafter/waiting_cache.h"
+
+#include "drafter/log.h"
 #include "drafter/bitmap.h"
 #include "drafter/cleanup.h"
 #include "drafter/clock.h"
@@ -50,6 +52,7 @@ static int wait_for_blocks(struct waiting_cache *w, uint64_t first, uint64_t las
         if (w->timeout_ns)
                 clock_deadline_after(w->timeout_ns, &deadline);
         int r = 0;
+        uint64_t t0 = log_get_level() <= LOG_DEBUG ? clock_now_ns() : 0;
         pthread_mutex_lock(&w->lock);
         for (;;) {
                 uint64_t missing = bitmap_next_clear(&w->present, first);
@@ -71,6 +74,9 @@ static int wait_for_blocks(struct waiting_cache *w, uint64_t first, uint64_t las
                 }
         }
         pthread_mutex_unlock(&w->lock);
+        if (t0)
+                log_debug("%s: waited %.1f ms for blocks %" PRIu64 "-%" PRIu64, w->dev.name,
+                          (double)(clock_now_ns() - t0) / 1e6, first, last);
         return r;
 }
 
