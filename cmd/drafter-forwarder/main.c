@@ -21,14 +21,9 @@ int main(int argc, char **argv) {
                 {"port-forwards", FLAG_STRING, &forwards_json, "Port forwards configuration"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
         };
-        int r = flags_parse("drafter-forwarder", flags, 2, argc, argv, stderr, NULL);
-        if (r == FLAGS_HELP)
-                return 0;
-        if (r < 0)
-                return 2;
-        log_setup_from_env();
-        if (verbose)
-                log_set_level(LOG_DEBUG);
+        int r = flags_parse_command("drafter-forwarder", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, &verbose);
+        if (r >= 0)
+                return r;
         struct port_forward *fw;
         int count;
         if (port_forwards_parse(forwards_json, &fw, &count) < 0) {

@@ -34,12 +34,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define DEVICE_FIELDS(name, file)                                                                                   \
-        "{\"name\":\"" name "\",\"base\":\"out/package/" file "\",\"overlay\":\"out/overlay/" file                   \
-        "\",\"state\":\"out/state/" file "\",\"blockSize\":65536,\"expiry\":1000000000,\"maxDirtyBlocks\":200,"      \
-        "\"minCycles\":5,\"maxCycles\":20,\"cycleThrottle\":500000000,\"makeMigratable\":true}"
-static const char default_devices[] = "[" DEVICE_FIELDS("state", "state.bin") ", " DEVICE_FIELDS(
-        "memory", "memory.bin") ", " DEVICE_FIELDS("kernel", "vmlinux") ", " DEVICE_FIELDS("disk", "rootfs.ext4") ", " DEVICE_FIELDS("config", "config.json") ", " DEVICE_FIELDS("oci", "oci.ext4") "]";
+static const char default_devices[] = DEVICE_DEFAULT_MIGRATION_DEVICES;
+
 
 struct mounter {
         struct device_list list;

@@ -46,14 +46,9 @@ int main(int argc, char **argv) {
                 {"namespace-veth-cidr", FLAG_STRING, &c.namespace_veth_cidr, "CIDR for the veths inside the namespace"},
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
         };
-        int r = flags_parse("drafter-nat", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, stderr, NULL);
-        if (r == FLAGS_HELP)
-                return 0;
-        if (r < 0)
-                return 2;
-        log_setup_from_env();
-        if (verbose)
-                log_set_level(LOG_DEBUG);
+        int r = flags_parse_command("drafter-nat", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, &verbose);
+        if (r >= 0)
+                return r;
         c.namespace_interface_netmask = netmask < 0 || netmask > 32 ? -1 : (int)netmask;
         c.count = count < 1 || count > NET_MAX_NAMESPACES ? -1 : (int)count;
         if (nat_config_check(&c) < 0) {

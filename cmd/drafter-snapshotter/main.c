@@ -50,14 +50,9 @@ int main(int argc, char **argv) {
                 {"verbose", FLAG_BOOL, &verbose, "Whether to log debug messages"},
                 {"vmm", FLAG_STRING, &vmm, "Virtual machine monitor: qemu or firecracker"},
         };
-        int r = flags_parse("drafter-snapshotter", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, stderr, NULL);
-        if (r == FLAGS_HELP)
-                return 0;
-        if (r < 0)
-                return 2;
-        log_setup_from_env();
-        if (verbose)
-                log_set_level(LOG_DEBUG);
+        int r = flags_parse_command("drafter-snapshotter", flags, sizeof(flags) / sizeof(flags[0]), argc, argv, &verbose);
+        if (r >= 0)
+                return r;
         if (strcmp(vmm, "qemu") != 0) {
                 log_error("--vmm %s: only qemu is available in this build (firecracker needs /dev/kvm and its binary)",
                           vmm);

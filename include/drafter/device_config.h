@@ -23,6 +23,17 @@ enum device_schema {
 #define DEVICE_MAX_BLOCK_SIZE (64u << 20)
 #define DEVICE_NAME_MAX 64
 
+/* The --devices default of drafter-mounter and drafter-registry, as the seeds' --help prints it:
+ * the six package devices with base, overlay and state under out/ and the default settings. */
+#define DEVICE_DEFAULT_FIELDS_(name, file)                                                                          \
+        "{\"name\":\"" name "\",\"base\":\"out/package/" file "\",\"overlay\":\"out/overlay/" file             \
+        "\",\"state\":\"out/state/" file "\",\"blockSize\":65536,\"expiry\":1000000000,\"maxDirtyBlocks\":200,"   \
+        "\"minCycles\":5,\"maxCycles\":20,\"cycleThrottle\":500000000,\"makeMigratable\":true}"
+#define DEVICE_DEFAULT_MIGRATION_DEVICES                                                                            \
+        "[" DEVICE_DEFAULT_FIELDS_("state", "state.bin") ", " DEVICE_DEFAULT_FIELDS_("memory", "memory.bin") ", "   \
+        DEVICE_DEFAULT_FIELDS_("kernel", "vmlinux") ", " DEVICE_DEFAULT_FIELDS_("disk", "rootfs.ext4") ", "          \
+        DEVICE_DEFAULT_FIELDS_("config", "config.json") ", " DEVICE_DEFAULT_FIELDS_("oci", "oci.ext4") "]"
+
 struct device_s3 {
         bool sync;
         char *access_key;
