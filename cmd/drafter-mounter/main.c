@@ -18,6 +18,7 @@
 #include "drafter/log.h"
 #include "drafter/signals.h"
 #include "drafter/migrate.h"
+#include "drafter/s3_sync.h"
 #include "drafter/storage.h"
 #include "drafter/transport.h"
 
@@ -45,6 +46,8 @@ struct mounter {
         struct block_device **tracker;     /* dirty tracker (inside the gate) */
         struct block_device **top;         /* gate: what FUSE serves */
         struct volatility_monitor **vm;
+        struct s3_device **s3;             /* kept in S3, or NULL */
+        struct block_device **s3track;     /* the S3 sync's dirty tracker (above bottom) */
         struct fuse_export *fx;
         struct migrate_destination *dest;
         const char *mount_dir;
@@ -75,12 +78,17 @@ static int open_local(void *ctx, const struct migrate_device_info *info, struct 
 /* Put volatility monitor, dirty tracker and gate on device i's bottom. */
 static int stack_device(struct mounter *m, size_t i) {
         const struct device_config *cfg = m->cfg[i];
-        struct block_device *vdev;
+        struct block_device *vdev, *below = m->bottom[i];
         int r = volatility_monitor_new(block_device_block_count(m->bottom[i]), (uint64_t)cfg->expiry_ns,
                                        clock_now_ns(), &m->vm[i]);
         if (r < 0)
                 return r;
-        if ((r = volatility_device_wrap(m->bottom[i], m->vm[i], &vdev)) < 0)
+        if (m->s3[i]) {
+                if ((r = dirty_tracker_wrap(below, DIRTY_TRACK_ALL, &m->s3track[i])) < 0)
+                        return r;
+                below = m->s3track[i];
+        }
+        if ((r = volatility_device_wrap(below, m->vm[i], &vdev)) < 0)
                 return r;
         if ((r = dirty_tracker_wrap(vdev, DIRTY_TRACK_AFTER_READ, &m->tracker[i])) < 0) {
                 block_device_close(vdev);
@@ -112,7 +120,9 @@ static int allocate(struct mounter *m, size_t count) {
         m->tracker = calloc(count ? count : 1, sizeof(*m->tracker));
         m->top = calloc(count ? count : 1, sizeof(*m->top));
         m->vm = calloc(count ? count : 1, sizeof(*m->vm));
-        return m->cfg && m->bottom && m->tracker && m->top && m->vm ? 0 : -ENOMEM;
+        m->s3 = calloc(count ? count : 1, sizeof(*m->s3));
+        m->s3track = calloc(count ? count : 1, sizeof(*m->s3track));
+        return m->cfg && m->bottom && m->tracker && m->top && m->vm && m->s3 && m->s3track ? 0 : -ENOMEM;
 }
 
 static int receive(struct mounter *m, const char *raddr, int sigfd) {
@@ -131,7 +141,13 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         for (size_t i = 0; i < n; i++) {
                 m->cfg[i] = device_list_find(&m->list, migrate_destination_device_info(m->dest, i)->name);
                 m->bottom[i] = migrate_destination_take_device(m->dest, i);
-                if ((r = stack_device(m, i)) < 0)
+                /* The source's bucket travels with the devices; else our own --devices may name one. */
+                const struct migrate_s3_info *s3 = migrate_destination_s3(m->dest, i, NULL);
+                if (s3)
+                        r = s3_device_from_received(m->cfg[i]->name, s3, &m->s3[i]);
+                else if (m->cfg[i]->s3.sync)
+                        r = s3_device_from_config(m->cfg[i], m->bottom[i]->size, &m->s3[i]);
+                if (r < 0 || (r = stack_device(m, i)) < 0)
                         return r;
         }
         /* Served at once: reads of blocks still in flight wait for them. */
@@ -162,6 +178,16 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         }
         log_info("Received %zu devices in %.1f ms (%" PRIu64 " blocks, %.1f MB, %" PRIu64 " after taking over)", n,
                  (clock_now_ns() - start) / 1e6, st.blocks_sent, st.bytes_received / 1e6, st.postcopy_blocks);
+        if (st.s3_blocks || st.s3_fallback_blocks)
+                log_info("From S3: %" PRIu64 " blocks, %.1f MB (%" PRIu64 " blocks asked over the link after S3 failed); "
+                         "over the link: %.1f MB",
+                         st.s3_blocks, st.s3_bytes / 1e6, st.s3_fallback_blocks, st.bytes_received / 1e6);
+        for (size_t i = 0; i < n; i++) {
+                const struct bitmap *current = NULL;
+                migrate_destination_s3(m->dest, i, &current);
+                if (m->s3[i] && (r = s3_device_start(m->s3[i], m->s3track[i], current)) < 0)
+                        return r;
+        }
         log_info("Completed all device migrations");
         return 0;
 }
@@ -172,7 +198,9 @@ static int open_all(struct mounter *m) {
                 return r;
         for (size_t i = 0; i < m->count; i++) {
                 m->cfg[i] = &m->list.devices[i];
-                if ((r = storage_open_device(m->cfg[i], &m->bottom[i])) < 0 || (r = stack_device(m, i)) < 0)
+                if ((r = storage_open_device(m->cfg[i], &m->bottom[i])) < 0 ||
+                    (m->cfg[i]->s3.sync && (r = s3_device_from_config(m->cfg[i], m->bottom[i]->size, &m->s3[i])) < 0) ||
+                    (r = stack_device(m, i)) < 0 || (m->s3[i] && (r = s3_device_start(m->s3[i], m->s3track[i], NULL)) < 0))
                         return r;
         }
         return expose(m);
@@ -204,8 +232,11 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
         for (size_t i = 0; i < m->count; i++) {
                 const struct device_config *c = m->cfg[i];
                 const struct bitmap *only = c->sharedbase ? cow_device_present(m->bottom[i]) : NULL;
-                devs[i] = (struct migrate_source_device){c->name, m->tracker[i], m->vm[i], only, c->max_dirty_blocks,
-                                                         c->min_cycles, c->max_cycles, c->cycle_throttle_ns, NULL};
+                devs[i] = (struct migrate_source_device){c->name,           m->tracker[i],
+                                                         m->vm[i],          only,
+                                                         c->max_dirty_blocks, c->min_cycles,
+                                                         c->max_cycles,     c->cycle_throttle_ns,
+                                                         NULL,              m->s3[i] ? &m->s3[i]->src : NULL};
         }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = m->count,
@@ -319,6 +350,8 @@ int main(int argc, char **argv) {
 out:
         fuse_export_stop(m.fx);
         migrate_destination_free(m.dest);
+        for (size_t i = 0; m.s3 && i < m.count; i++)
+                s3_device_free(m.s3[i]); /* it reads the devices */
         for (size_t i = 0; i < m.count; i++) {
                 if (m.top[i]) {
                         if (block_device_flush(m.top[i]) < 0) {
@@ -336,6 +369,8 @@ out:
         free(m.tracker);
         free(m.top);
         free(m.vm);
+        free(m.s3);
+        free(m.s3track);
         for (size_t i = 0; i < m.created_count; i++)
                 free(m.created[i]);
         device_list_free(&m.list);

@@ -15,6 +15,16 @@
 #include "drafter/migrate_frame.h"
 #include "drafter/volatility_monitor.h"
 
+struct s3_sync;
+
+/* A device this side keeps in S3 (s3_sync.h): the bucket, and the sync that knows which objects
+ * are current. The migration pauses the sync, tells the destination the bucket and the current
+ * objects (S3 frame), and skips their blocks; it resumes the sync if it keeps the devices. */
+struct migrate_source_s3 {
+        struct s3_sync *sync;
+        struct migrate_s3_info info; /* bitmap/objects unused: the sync's snapshot is sent */
+};
+
 struct migrate_source_device {
         const char *name;
         struct block_device *dev;       /* top of the stack: a dirty tracker (DIRTY_TRACK_AFTER_READ) */
@@ -23,6 +33,7 @@ struct migrate_source_device {
         int64_t max_dirty_blocks, min_cycles, max_cycles, cycle_throttle_ns;
         const struct bitmap *zero;      /* lazy: blocks known to be all zeros, sent as zero runs ahead of the
                                          * hand-over (NULL: none known) */
+        const struct migrate_source_s3 *s3; /* NULL: not in S3 (ignored for sharedbase and lazy) */
 };
 
 struct migrate_source_config {
@@ -57,6 +68,9 @@ struct migrate_stats {
         uint64_t need_at_served, cycles, final_dirty_blocks;
         uint64_t postcopy_blocks; /* destination: blocks that arrived after it took authority */
         uint64_t bulk_ns, cycles_ns, suspend_ns, authority_ns, total_ns;
+        uint64_t s3_blocks;          /* source: left to S3; destination: arrived from S3 */
+        uint64_t s3_bytes;           /* destination: bytes fetched from S3 */
+        uint64_t s3_fallback_blocks; /* destination: asked over the link after S3 failed */
         uint64_t authority_sent_at_ns; /* source: CLOCK_MONOTONIC when AUTHORITY was written; 0: never */
         /* The destination acknowledged authority, or may have: AUTHORITY was sent and no ERROR
          * from the destination came ahead of an acknowledgement. */
@@ -103,5 +117,9 @@ struct block_device *migrate_destination_take_device(struct migrate_destination 
 int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats *ret_stats);
 /* True once the migration has ended (completed or failed): migrate_destination_wait() will not block. */
 bool migrate_destination_finished(struct migrate_destination *d);
+/* Device i's S3 bucket as the source sent it, or NULL; *ret_current (if not NULL) gets the
+ * objects that still hold device i's contents (none of their blocks came over the link). */
+const struct migrate_s3_info *migrate_destination_s3(struct migrate_destination *d, size_t i,
+                                                     const struct bitmap **ret_current);
 /* Closes the devices too. */
 void migrate_destination_free(struct migrate_destination *d);

@@ -28,6 +28,7 @@ enum migrate_type {
         MIGRATE_DIRTY = 9,
         MIGRATE_EVENT = 10,
         MIGRATE_ERROR = 11,
+        MIGRATE_S3 = 12, /* src, per device, in the handshake: where the device's current objects are in S3 */
 };
 
 enum migrate_role { MIGRATE_ROLE_SOURCE = 1, MIGRATE_ROLE_DESTINATION = 2 };
@@ -36,9 +37,28 @@ enum migrate_capability {
         MIGRATE_CAP_ZSTD = 1u << 0,
         MIGRATE_CAP_ZERO_RUNS = 1u << 1,
         MIGRATE_CAP_BARRIER = 1u << 2, /* EVENT BARRIER / BARRIER_ACK */
+        MIGRATE_CAP_S3 = 1u << 3,      /* S3 frames, devices fetched partly from S3 */
 };
 
-enum migrate_device_flag { MIGRATE_DEVICE_SHAREDBASE = 1u << 0 };
+enum migrate_device_flag {
+        MIGRATE_DEVICE_SHAREDBASE = 1u << 0,
+        MIGRATE_DEVICE_S3 = 1u << 1, /* an S3 frame for it follows DEVICES */
+};
+
+#define MIGRATE_S3_STRING_MAX 255
+
+/* An S3 frame: the bucket a device is synchronised to (the configuration travels with the VM,
+ * so later peers in a chain need none) and which of its objects hold the current contents. */
+struct migrate_s3_info {
+        uint32_t object_size;
+        uint32_t concurrency;
+        bool secure;
+        char endpoint[MIGRATE_S3_STRING_MAX + 1], bucket[MIGRATE_S3_STRING_MAX + 1];
+        char access_key[MIGRATE_S3_STRING_MAX + 1], secret_key[MIGRATE_S3_STRING_MAX + 1];
+        char prefix[MIGRATE_S3_STRING_MAX + 1];
+        uint64_t objects;      /* ceil(device size / object_size) */
+        const uint8_t *bitmap; /* ceil(objects / 8) bytes, bit i (LSB first) = object i is current */
+};
 
 enum migrate_event {
         MIGRATE_EVENT_BULK_DONE = 1,
@@ -95,6 +115,7 @@ struct migrate_message {
                         const uint8_t *blocks; /* count little-endian u64, ascending */
                 } dirty;
                 uint16_t event;
+                struct migrate_s3_info s3;
                 struct {
                         int32_t err;
                         char message[MIGRATE_MAX_MESSAGE + 1];
@@ -116,6 +137,9 @@ int migrate_frame_parse(const struct migrate_frame *frame, const struct migrate_
 /* DEVICES payload. */
 int migrate_devices_encode(const struct migrate_device_table *table, uint8_t **ret_payload, uint32_t *ret_length);
 int migrate_devices_decode(const struct migrate_frame *frame, struct migrate_device_table *ret_table);
+
+/* S3 payload (malloc'd); info->bitmap points to info->objects bits. */
+int migrate_s3_encode(const struct migrate_s3_info *info, uint8_t **ret_payload, uint32_t *ret_length);
 
 /* Payload builders for the fixed-size messages; return the payload length. */
 uint32_t migrate_encode_hello(uint8_t out[20], enum migrate_role role, uint64_t capabilities);

@@ -17,6 +17,7 @@
 #include "drafter/vm_config.h"
 #include "drafter/vmm.h"
 #include "drafter/volatility_monitor.h"
+#include "drafter/s3_sync.h"
 #include "drafter/waiting_cache.h"
 
 #include "page_warmer.h"
@@ -300,6 +301,9 @@ struct instance {
         struct block_device **devs;
         struct volatility_monitor **vms;
         const struct bitmap **only; /* sharedbase: the overlay's presence bitmap */
+        struct s3_device **s3;           /* kept in S3, or NULL */
+        struct block_device **s3track;   /* the S3 sync's dirty tracker */
+        bool s3_started;
         struct fuse_export *fx;
         struct vmm *vm;
         struct migrate_destination *dest;
@@ -356,7 +360,11 @@ static struct instance *instance_new(const struct device_list *devices, const st
         inst->devs = calloc(devices->count, sizeof(*inst->devs));
         inst->vms = calloc(devices->count, sizeof(*inst->vms));
         inst->only = calloc(devices->count, sizeof(*inst->only));
-        if (!inst->devs || !inst->vms || !inst->only) {
+        inst->s3 = calloc(devices->count, sizeof(*inst->s3));
+        inst->s3track = calloc(devices->count, sizeof(*inst->s3track));
+        if (!inst->devs || !inst->vms || !inst->only || !inst->s3 || !inst->s3track) {
+                free(inst->s3);
+                free(inst->s3track);
                 free(inst->devs);
                 free(inst->vms);
                 free(inst->only);
@@ -378,6 +386,14 @@ static struct instance *instance_new(const struct device_list *devices, const st
 static int stack_device(struct instance *inst, size_t i, struct block_device *bottom) {
         const struct device_config *c = &inst->devices->devices[i];
         struct block_device *vdev;
+        if (inst->s3[i]) {
+                int r = dirty_tracker_wrap(bottom, DIRTY_TRACK_ALL, &inst->s3track[i]);
+                if (r < 0) {
+                        block_device_close(bottom);
+                        return r;
+                }
+                bottom = inst->s3track[i];
+        }
         int r = volatility_monitor_new(block_device_block_count(bottom), (uint64_t)c->expiry_ns, clock_now_ns(),
                                        &inst->vms[i]);
         if (r < 0 || (r = volatility_device_wrap(bottom, inst->vms[i], &vdev)) < 0) {
@@ -517,6 +533,25 @@ static int fail_instance(struct instance *inst, int r) {
         return error_set(r, "%s", why);
 }
 
+/* Start the S3 syncs (after a migration in: with the objects S3 holds of what arrived). */
+static int start_s3(struct instance *inst, struct migrate_destination *dest) {
+        if (inst->s3_started)
+                return 0;
+        inst->s3_started = true;
+        for (size_t i = 0; i < inst->devices->count; i++) {
+                if (!inst->s3[i])
+                        continue;
+                const struct bitmap *current = NULL;
+                for (size_t k = 0; dest && k < migrate_destination_device_count(dest); k++)
+                        if (strcmp(migrate_destination_device_info(dest, k)->name, inst->devices->devices[i].name) == 0)
+                                migrate_destination_s3(dest, k, &current);
+                int r = s3_device_start(inst->s3[i], inst->s3track[i], current);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
 int instance_resume(const struct device_list *devices, const struct instance_options *o, struct instance **ret) {
         int r = check_required(devices, "drafter-peer");
         if (r < 0 || (r = device_list_check_inputs(devices, DEVICE_SCHEMA_PEER)) < 0)
@@ -526,12 +561,18 @@ int instance_resume(const struct device_list *devices, const struct instance_opt
                 return -ENOMEM;
         for (size_t i = 0; i < devices->count && r >= 0; i++) {
                 struct block_device *bottom;
-                if ((r = storage_open_device(&devices->devices[i], &bottom)) >= 0 && (r = stack_device(inst, i, bottom)) >= 0 &&
-                    devices->devices[i].sharedbase && *devices->devices[i].overlay)
+                const struct device_config *c = &devices->devices[i];
+                if ((r = storage_open_device(c, &bottom)) < 0)
+                        break;
+                if (c->s3.sync && (r = s3_device_from_config(c, bottom->size, &inst->s3[i])) < 0) {
+                        block_device_close(bottom);
+                        break;
+                }
+                if ((r = stack_device(inst, i, bottom)) >= 0 && c->sharedbase && *c->overlay)
                         inst->only[i] = cow_device_present(bottom);
         }
         if (r < 0 || (r = load_config(inst)) < 0 || (r = export_devices(inst)) < 0 || (r = start_vmm(inst)) < 0 ||
-            (r = restore_and_resume(inst, inst->t0)) < 0)
+            (r = restore_and_resume(inst, inst->t0)) < 0 || (r = start_s3(inst, NULL)) < 0)
                 return fail_instance(inst, r);
         *ret = inst;
         return 0;
@@ -650,7 +691,16 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         size_t n = migrate_destination_device_count(inst->dest);
         for (size_t i = 0; i < n && r >= 0; i++) {
                 const struct device_config *c = device_list_find(devices, migrate_destination_device_info(inst->dest, i)->name);
-                r = stack_device(inst, (size_t)(c - devices->devices), migrate_destination_take_device(inst->dest, i));
+                size_t k = (size_t)(c - devices->devices);
+                /* The source's bucket travels with the VM; else our own --devices may name one. */
+                const struct migrate_s3_info *s3 = migrate_destination_s3(inst->dest, i, NULL);
+                if (s3)
+                        r = s3_device_from_received(c->name, s3, &inst->s3[k]);
+                else if (c->s3.sync)
+                        r = s3_device_from_config(c, migrate_destination_device_info(inst->dest, i)->size, &inst->s3[k]);
+                struct block_device *dev = migrate_destination_take_device(inst->dest, i);
+                if (r >= 0)
+                        r = stack_device(inst, k, dev);
         }
         for (size_t i = 0; i < devices->count && r >= 0; i++)
                 if (!inst->devs[i])
@@ -690,7 +740,14 @@ int instance_received(struct instance *inst) {
                 return 1;
         if (!migrate_destination_finished(inst->dest))
                 return 0;
-        int r = migrate_destination_wait(inst->dest, NULL);
+        struct migrate_stats st;
+        int r = migrate_destination_wait(inst->dest, &st);
+        if (r >= 0 && !inst->s3_started && (st.s3_blocks || st.s3_fallback_blocks))
+                log_info("From S3: %" PRIu64 " blocks, %.1f MB (%" PRIu64 " blocks asked over the link after S3 failed); "
+                         "over the link: %.1f MB",
+                         st.s3_blocks, st.s3_bytes / 1e6, st.s3_fallback_blocks, st.bytes_received / 1e6);
+        if (r >= 0 && (r = start_s3(inst, inst->dest)) < 0)
+                return r;
         return r < 0 ? r : 1;
 }
 
@@ -699,7 +756,7 @@ int instance_wait_received(struct instance *inst, struct migrate_stats *ret_stat
                 return 0;
         int r = migrate_destination_wait(inst->dest, ret_stats);
         /* The devices are complete (or never will be): the migration's thread is done with them. */
-        return r;
+        return r < 0 ? r : start_s3(inst, inst->dest);
 }
 
 static int before_collect(void *ctx) {
@@ -729,9 +786,16 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                         bool first = i == inst->config || strcmp(c->name, "kernel") == 0;
                         if (first != (pass == 0))
                                 continue;
-                        devs[n++] = (struct migrate_source_device){c->name, inst->devs[i], inst->vms[i], inst->only[i],
-                                                                   c->max_dirty_blocks, c->min_cycles, c->max_cycles,
-                                                                   c->cycle_throttle_ns, NULL};
+                        devs[n++] = (struct migrate_source_device){c->name,
+                                                                   inst->devs[i],
+                                                                   inst->vms[i],
+                                                                   inst->only[i],
+                                                                   c->max_dirty_blocks,
+                                                                   c->min_cycles,
+                                                                   c->max_cycles,
+                                                                   c->cycle_throttle_ns,
+                                                                   NULL,
+                                                                   inst->s3[i] ? &inst->s3[i]->src : NULL};
                 }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = devices->count,
@@ -893,6 +957,8 @@ void instance_free(struct instance *inst) {
         fuse_export_stop(inst->fx);
         /* Stops the receiving thread before the devices it writes to are closed. */
         migrate_destination_free(inst->dest);
+        for (size_t i = 0; inst->s3 && i < inst->devices->count; i++)
+                s3_device_free(inst->s3[i]); /* it reads the devices */
         for (size_t i = 0; inst->devs && i < inst->devices->count; i++) {
                 if (!inst->devs[i])
                         continue;
@@ -905,6 +971,8 @@ void instance_free(struct instance *inst) {
         free(inst->devs);
         free(inst->vms);
         free(inst->only);
+        free(inst->s3);
+        free(inst->s3track);
         pthread_mutex_destroy(&inst->lock);
         pthread_cond_destroy(&inst->changed);
         free(inst->kernel_path);

@@ -4,6 +4,7 @@
 #include "drafter/clock.h"
 #include "drafter/error.h"
 #include "drafter/log.h"
+#include "drafter/s3_sync.h"
 #include "drafter/waiting_cache.h"
 
 #include <errno.h>
@@ -22,8 +23,24 @@ struct need_ctx {
         size_t index;
 };
 
+/* A device partly fetched from S3. `wanted`: blocks still to come from S3 (a block the link
+ * delivers or dirties is no longer wanted, so an S3 copy never overwrites newer data); `current`:
+ * objects none of whose blocks came over the link. Both under destination.s3_lock. */
+struct dest_s3 {
+        struct destination *d;
+        size_t index;
+        struct migrate_s3_info info;
+        uint32_t per; /* blocks per object */
+        struct bitmap wanted, current;
+        struct s3_client *client;
+        struct s3_fetch *fetch;
+};
+
 struct destination {
         int fd;
+        struct dest_s3 **s3; /* per device, NULL: not from S3 */
+        pthread_mutex_t s3_lock;
+        bool any_s3, source_done, acked;
         struct migrate_destination_config cfg;
         struct migrate_device_table table;
         struct block_device **devs; /* waiting caches */
@@ -62,6 +79,16 @@ static int send_event(struct destination *d, enum migrate_event event) {
 /* A reader of a missing block asks the source for it (from the reader's thread). */
 static void need_block(void *ctx, uint64_t block) {
         struct need_ctx *n = ctx;
+        struct dest_s3 *s3 = n->d->s3 ? n->d->s3[n->index] : NULL;
+        if (s3) {
+                pthread_mutex_lock(&n->d->s3_lock);
+                bool from_s3 = bitmap_test(&s3->wanted, block);
+                pthread_mutex_unlock(&n->d->s3_lock);
+                if (from_s3) {
+                        s3_fetch_prioritize(s3->fetch, block / s3->per);
+                        return;
+                }
+        }
         uint8_t p[12];
         if (send_frame(n->d, MIGRATE_NEED_AT, n->d->table.devices[n->index].id, p, migrate_encode_range(p, block, 1)) < 0)
                 log_debug("migration: NEED_AT for block %" PRIu64 " not sent: %s", block, error_message());
@@ -90,11 +117,102 @@ static void notify_blocks(struct destination *d, size_t index, uint64_t first, u
                 d->cfg.on_blocks(d->cfg.ctx, index, first, count, zero);
 }
 
+/* The link delivers or dirties blocks [first, first+count) of device i: S3 must not overwrite them. */
+static void claim(struct destination *d, size_t i, uint64_t first, uint64_t count) {
+        struct dest_s3 *s3 = d->s3 ? d->s3[i] : NULL;
+        if (!s3)
+                return;
+        pthread_mutex_lock(&d->s3_lock);
+        for (uint64_t b = first; b < first + count; b++) {
+                bitmap_clear(&s3->wanted, b);
+                bitmap_clear(&s3->current, b / s3->per);
+        }
+        pthread_mutex_unlock(&d->s3_lock);
+}
+
+/* Once the source completed every device and nothing is missing any more (S3 included): take
+ * authority if that waited for this, and acknowledge. 1 if this call acknowledged. */
+static int finish(struct destination *d) {
+        pthread_mutex_lock(&d->s3_lock);
+        bool go = d->source_done && !d->acked;
+        for (size_t i = 0; go && i < d->table.count; i++)
+                go = waiting_cache_missing(d->devs[i]) == 0;
+        if (go)
+                d->acked = true;
+        pthread_mutex_unlock(&d->s3_lock);
+        if (!go)
+                return 0;
+        int r;
+        if (d->authority_pending && !d->authority && (r = take_authority(d)) < 0)
+                return r;
+        if (!d->authority)
+                return error_set(-EPROTO, "migration: completed without authority transfer");
+        if ((r = send_event(d, MIGRATE_EVENT_COMPLETED_ACK)) < 0)
+                return r;
+        d->stats.completed = true;
+        return 1;
+}
+
+static void s3_deliver(void *ctx, uint64_t object, const uint8_t *data, size_t len) {
+        struct dest_s3 *s3 = ctx;
+        struct destination *d = s3->d;
+        struct block_device *dev = d->devs[s3->index];
+        uint64_t first = object * s3->per, blocks = block_device_block_count(dev);
+        for (uint64_t b = first; b < first + s3->per && b < blocks; b++) {
+                size_t off = (size_t)(b - first) * dev->block_size;
+                if (off >= len)
+                        break;
+                pthread_mutex_lock(&d->s3_lock);
+                if (bitmap_test_and_clear(&s3->wanted, b)) {
+                        bool zero = buffer_is_zero(data + off, block_device_block_length(dev, b));
+                        int r = waiting_cache_supply(dev, b, data + off, WAITING_CACHE_IF_MISSING);
+                        if (r > 0) {
+                                __atomic_fetch_add(&d->stats.s3_blocks, 1, __ATOMIC_RELAXED);
+                                if (d->cfg.on_blocks)
+                                        d->cfg.on_blocks(d->cfg.ctx, s3->index, b, 1, zero);
+                        }
+                }
+                pthread_mutex_unlock(&d->s3_lock);
+        }
+        __atomic_fetch_add(&d->stats.s3_bytes, len, __ATOMIC_RELAXED);
+        /* The last object may be what the acknowledgement waited for: the receiving thread sleeps
+         * in read(), so end its wait (it sees the end of the stream and that we acknowledged). */
+        int r = finish(d);
+        if (r > 0)
+                shutdown(d->fd, SHUT_RD);
+        else if (r < 0)
+                log_error("%s", error_message());
+}
+
+/* Not from S3 after all: ask the source (it keeps every block until we acknowledge). */
+static void s3_failed(void *ctx, uint64_t object) {
+        struct dest_s3 *s3 = ctx;
+        struct destination *d = s3->d;
+        uint64_t first = object * s3->per, blocks = block_device_block_count(d->devs[s3->index]);
+        uint64_t end = MIN(first + s3->per, blocks), asked = 0;
+        pthread_mutex_lock(&d->s3_lock);
+        bitmap_clear(&s3->current, object);
+        for (uint64_t b = first; b < end; b++)
+                asked += bitmap_test_and_clear(&s3->wanted, b);
+        pthread_mutex_unlock(&d->s3_lock);
+        if (!asked)
+                return;
+        __atomic_fetch_add(&d->stats.s3_fallback_blocks, asked, __ATOMIC_RELAXED);
+        uint8_t p[12];
+        if (send_frame(d, MIGRATE_NEED_AT, d->table.devices[s3->index].id, p,
+                       migrate_encode_range(p, first, (uint32_t)(end - first))) < 0)
+                log_error("migration: cannot ask the source for the blocks S3 did not give: %s", error_message());
+}
+
 static int handle(struct destination *d, const struct migrate_frame *f, const struct migrate_message *m) {
         struct block_device *dev = m->type >= MIGRATE_BLOCK && m->type <= MIGRATE_DIRTY ? d->devs[m->device] : NULL;
         int r = 0;
         if (d->authority && m->type >= MIGRATE_BLOCK && m->type <= MIGRATE_BLOCK_ZSTD)
                 d->stats.postcopy_blocks += m->type == MIGRATE_BLOCK_ZERO ? m->range.count : 1;
+        if (m->type == MIGRATE_BLOCK || m->type == MIGRATE_BLOCK_ZSTD)
+                claim(d, m->device, m->block.block, 1);
+        else if (m->type == MIGRATE_BLOCK_ZERO)
+                claim(d, m->device, m->range.first, m->range.count);
         switch (m->type) {
         case MIGRATE_BLOCK:
                 r = waiting_cache_supply(dev, m->block.block, m->block.data, supply_flags(d));
@@ -127,6 +245,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 for (uint32_t i = 0; i < m->dirty.count; i++) {
                         uint64_t b;
                         memcpy(&b, m->dirty.blocks + 8 * i, 8);
+                        claim(d, m->device, le64toh(b), 1);
                         if (d->cfg.on_dirty)
                                 d->cfg.on_dirty(d->cfg.ctx, m->device, le64toh(b));
                         waiting_cache_invalidate(dev, le64toh(b));
@@ -148,8 +267,9 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                                 r = take_authority(d);
                         break;
                 case MIGRATE_EVENT_COMPLETED:
-                        /* Never trust a completion that leaves holes. */
-                        if (waiting_cache_missing(d->devs[m->device]) > 0)
+                        /* Never trust a completion that leaves holes (beyond blocks still coming
+                         * from S3, or asked for after S3 failed: finish() waits for those). */
+                        if (!(d->s3 && d->s3[m->device]) && waiting_cache_missing(d->devs[m->device]) > 0)
                                 return error_set(-EPROTO, "migration: the source completed device \"%s\" with %" PRIu64
                                                  " blocks still missing", d->table.devices[m->device].name,
                                                  waiting_cache_missing(d->devs[m->device]));
@@ -158,15 +278,10 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                                 d->completed_count++;
                         }
                         if (d->completed_count == d->table.count) {
-                                if (d->authority_pending && (r = take_authority(d)) < 0)
-                                        return r;
-                                if (!d->authority)
-                                        return error_set(-EPROTO, "migration: completed without authority transfer");
-                                r = send_event(d, MIGRATE_EVENT_COMPLETED_ACK);
-                                if (r >= 0) {
-                                        d->stats.completed = true;
-                                        return 1;
-                                }
+                                pthread_mutex_lock(&d->s3_lock);
+                                d->source_done = true;
+                                pthread_mutex_unlock(&d->s3_lock);
+                                return finish(d);
                         }
                         break;
                 }
@@ -195,6 +310,7 @@ static int receive(struct destination *d, struct migrate_reader *rd, struct migr
                 /* The block index first: parsing a BLOCK reads nothing past it. */
                 if ((r = migrate_reader_take(rd, buf, 8)) < 0 || (r = migrate_frame_parse(f, &d->table, true, &m)) < 0)
                         return r;
+                claim(d, m.device, m.block.block, 1);
                 r = migrate_reader_has_rest(rd)
                             ? waiting_cache_supply_direct(d->devs[m.device], m.block.block, 0, fill_from_stream, rd)
                             : -EOPNOTSUPP;
@@ -235,9 +351,19 @@ static void *receive_thread(void *arg) {
                         d->stats.bytes_received += MIGRATE_HEADER_SIZE + f.length;
                         r = receive(d, &reader, &f, buf);
                 }
+                if (r == 0 && d->any_s3 && __atomic_load_n(&d->source_done, __ATOMIC_ACQUIRE))
+                        r = finish(d);
                 if (r != 0)
                         break;
         }
+        /* An S3 download acknowledged the end and shut our reading side. */
+        pthread_mutex_lock(&d->s3_lock);
+        if (r < 0 && d->acked)
+                r = 1;
+        pthread_mutex_unlock(&d->s3_lock);
+        for (size_t i = 0; d->s3 && i < d->table.count; i++)
+                if (d->s3[i])
+                        s3_fetch_stop(d->s3[i]->fetch);
         free(buf);
         if (r == -ECONNRESET)
                 error_set(r, "source: connection lost before the migration completed (%s)",
@@ -260,6 +386,83 @@ static void *receive_thread(void *arg) {
         return NULL;
 }
 
+static void free_s3(struct dest_s3 *s3) {
+        if (!s3)
+                return;
+        s3_fetch_free(s3->fetch);
+        s3_client_free(s3->client);
+        bitmap_free(&s3->wanted);
+        bitmap_free(&s3->current);
+        free(s3);
+}
+
+/* The S3 frame of device i (DEVICES said one follows). */
+static int read_s3(struct destination *d, size_t i, uint8_t **buf, size_t *cap) {
+        struct migrate_frame f;
+        struct migrate_message m;
+        int r = migrate_read_frame(d->fd, buf, cap, &f);
+        if (r < 0)
+                return r;
+        if (f.type != MIGRATE_S3)
+                return error_set(-EPROTO, "migration: expected the S3 frame of device \"%s\", got frame type %u",
+                                 d->table.devices[i].name, f.type);
+        if ((r = migrate_frame_parse(&f, &d->table, true, &m)) < 0)
+                return r;
+        if (m.device != i)
+                return error_set(-EPROTO, "migration: S3 frames out of order");
+        if (!s3_valid_prefix(m.s3.prefix))
+                return error_set(-EBADMSG, "migration: S3 key prefix \"%s\" of device \"%s\" is not valid", m.s3.prefix,
+                                 d->table.devices[i].name);
+        struct dest_s3 *s3 = calloc(1, sizeof(*s3));
+        if (!s3)
+                return -ENOMEM;
+        d->s3[i] = s3;
+        s3->d = d;
+        s3->index = i;
+        s3->info = m.s3;
+        s3->info.bitmap = NULL;
+        s3->per = m.s3.object_size / d->table.devices[i].block_size;
+        uint64_t blocks = (d->table.devices[i].size + d->table.devices[i].block_size - 1) / d->table.devices[i].block_size;
+        if (bitmap_init(&s3->current, m.s3.objects) < 0 || bitmap_init(&s3->wanted, blocks) < 0)
+                return -ENOMEM;
+        for (uint64_t o = 0; o < m.s3.objects; o++)
+                if (m.s3.bitmap[o / 8] & (1u << (o % 8))) {
+                        bitmap_set(&s3->current, o);
+                        bitmap_set_range(&s3->wanted, o * s3->per, MIN(s3->per, blocks - o * s3->per));
+                }
+        struct s3_config c = {.endpoint = m.s3.endpoint, .bucket = m.s3.bucket, .access_key = m.s3.access_key,
+                              .secret_key = m.s3.secret_key, .secure = m.s3.secure};
+        if ((r = s3_client_new(&c, &s3->client)) < 0)
+                return error_prefix(r, "migration: device \"%s\"", d->table.devices[i].name);
+        d->any_s3 = true;
+        log_debug("migration: device \"%s\": %" PRIu64 " of %" PRIu64 " objects from S3 bucket \"%s\" at %s",
+                  d->table.devices[i].name, bitmap_count(&s3->current), m.s3.objects, m.s3.bucket, m.s3.endpoint);
+        return 0;
+}
+
+/* After the devices are open: start the downloads. */
+static int start_s3(struct destination *d) {
+        for (size_t i = 0; i < d->table.count; i++) {
+                struct dest_s3 *s3 = d->s3[i];
+                if (!s3)
+                        continue;
+                struct s3_fetch_options o = {.client = s3->client,
+                                             .prefix = s3->info.prefix,
+                                             .device = d->table.devices[i].name,
+                                             .size = d->table.devices[i].size,
+                                             .object_size = s3->info.object_size,
+                                             .concurrency = s3->info.concurrency,
+                                             .objects = &s3->current,
+                                             .deliver = s3_deliver,
+                                             .failed = s3_failed,
+                                             .ctx = s3};
+                int r = s3_fetch_start(&o, &s3->fetch);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
 static int handshake(struct destination *d) {
         _cleanup_free_ uint8_t *buf = NULL;
         size_t cap = 0;
@@ -268,7 +471,8 @@ static int handshake(struct destination *d) {
         uint8_t p[20];
         int r = send_frame(d, MIGRATE_HELLO, MIGRATE_CONNECTION, p,
                            migrate_encode_hello(p, MIGRATE_ROLE_DESTINATION,
-                                                MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD | MIGRATE_CAP_BARRIER));
+                                                MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD | MIGRATE_CAP_BARRIER |
+                                                        MIGRATE_CAP_S3));
         if (r < 0)
                 return r;
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)
@@ -289,6 +493,12 @@ static int handshake(struct destination *d) {
 
         size_t n = d->table.count;
         uint32_t max_block = 0;
+        d->s3 = calloc(n ? n : 1, sizeof(*d->s3));
+        if (!d->s3)
+                return -ENOMEM;
+        for (size_t i = 0; i < n; i++)
+                if ((d->table.devices[i].flags & MIGRATE_DEVICE_S3) && (r = read_s3(d, i, &buf, &cap)) < 0)
+                        return r;
         d->devs = calloc(n ? n : 1, sizeof(*d->devs));
         d->need_ctx = calloc(n ? n : 1, sizeof(*d->need_ctx));
         d->completed = calloc(n ? n : 1, sizeof(bool));
@@ -321,6 +531,8 @@ static int handshake(struct destination *d) {
         d->dctx = ZSTD_createDCtx();
         if (!d->block_buf || !d->dctx)
                 return -ENOMEM;
+        if ((r = start_s3(d)) < 0)
+                return r;
         return send_frame(d, MIGRATE_DEVICES_ACK, MIGRATE_CONNECTION, NULL, 0);
 }
 
@@ -332,9 +544,17 @@ void migrate_destination_free(struct migrate_destination *dest) {
                 shutdown(d->fd, SHUT_RDWR);
                 pthread_join(d->thread, NULL);
         }
+        /* Downloads write into the devices: they stop first. */
+        for (size_t i = 0; d->s3 && i < d->table.count; i++)
+                if (d->s3[i])
+                        s3_fetch_stop(d->s3[i]->fetch);
         for (size_t i = 0; d->devs && i < d->table.count; i++)
                 if (!d->taken[i])
                         block_device_close(d->devs[i]);
+        for (size_t i = 0; d->s3 && i < d->table.count; i++)
+                free_s3(d->s3[i]);
+        free(d->s3);
+        pthread_mutex_destroy(&d->s3_lock);
         free(d->devs);
         free(d->taken);
         free(d->need_ctx);
@@ -356,6 +576,7 @@ int migrate_destination_start(int fd, const struct migrate_destination_config *c
         d->fd = fd;
         d->cfg = *cfg;
         pthread_mutex_init(&d->write_lock, NULL);
+        pthread_mutex_init(&d->s3_lock, NULL);
         int r = handshake(d);
         if (r < 0) {
                 char msg[1024];
@@ -394,6 +615,16 @@ struct block_device *migrate_destination_take_device(struct migrate_destination 
                 return NULL;
         d->taken[i] = true;
         return d->devs[i];
+}
+
+const struct migrate_s3_info *migrate_destination_s3(struct migrate_destination *dest, size_t i,
+                                                     const struct bitmap **ret_current) {
+        struct destination *d = (struct destination *)dest;
+        if (i >= d->table.count || !d->s3 || !d->s3[i])
+                return NULL;
+        if (ret_current)
+                *ret_current = &d->s3[i]->current;
+        return &d->s3[i]->info;
 }
 
 bool migrate_destination_finished(struct migrate_destination *dest) {

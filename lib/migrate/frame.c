@@ -56,7 +56,7 @@ void migrate_header_encode(uint8_t out[MIGRATE_HEADER_SIZE], uint8_t type, uint8
 
 int migrate_header_decode(const uint8_t in[MIGRATE_HEADER_SIZE], struct migrate_frame *ret_frame) {
         struct migrate_frame f = {.length = get32(in), .type = in[4], .flags = in[5], .device = get16(in + 6)};
-        if (f.type < MIGRATE_HELLO || f.type > MIGRATE_ERROR)
+        if (f.type < MIGRATE_HELLO || f.type > MIGRATE_S3)
                 return error_set(-EBADMSG, "migration: unknown frame type %u", f.type);
         if (f.length > MIGRATE_MAX_PAYLOAD)
                 return error_set(-EBADMSG, "migration: frame of %" PRIu32 " bytes exceeds the limit of %u",
@@ -71,7 +71,7 @@ static const char *const type_names[] = {
         [MIGRATE_HELLO] = "HELLO",         [MIGRATE_DEVICES] = "DEVICES",     [MIGRATE_DEVICES_ACK] = "DEVICES_ACK",
         [MIGRATE_BLOCK] = "BLOCK",         [MIGRATE_BLOCK_ZERO] = "BLOCK_ZERO", [MIGRATE_BLOCK_ZSTD] = "BLOCK_ZSTD",
         [MIGRATE_NEED_AT] = "NEED_AT",     [MIGRATE_DONT_NEED_AT] = "DONT_NEED_AT", [MIGRATE_DIRTY] = "DIRTY",
-        [MIGRATE_EVENT] = "EVENT",         [MIGRATE_ERROR] = "ERROR",
+        [MIGRATE_EVENT] = "EVENT",         [MIGRATE_ERROR] = "ERROR",         [MIGRATE_S3] = "S3",
 };
 
 static const struct migrate_device_info *find_device(const struct migrate_device_table *t, uint16_t id) {
@@ -92,6 +92,63 @@ static uint32_t block_length(const struct migrate_device_info *d, uint64_t block
 
 #define BAD(...) error_set(-EBADMSG, "migration: " __VA_ARGS__)
 
+/* One S3 string: u16 length, bytes (printable, no NUL). */
+static int get_s3_string(const uint8_t **p, const uint8_t *end, const char *what, char *out) {
+        if (end - *p < 2)
+                return BAD("S3 frame truncated before its %s", what);
+        uint16_t n = get16(*p);
+        if (n > MIGRATE_S3_STRING_MAX || end - *p - 2 < n)
+                return BAD("S3 frame: %s of %u bytes is too long or truncated", what, n);
+        for (uint16_t i = 0; i < n; i++)
+                if ((*p)[2 + i] < 0x20 || (*p)[2 + i] > 0x7e)
+                        return BAD("S3 frame: %s has a byte 0x%02x that is not printable", what, (*p)[2 + i]);
+        memcpy(out, *p + 2, n);
+        out[n] = '\0';
+        *p += 2 + n;
+        return 0;
+}
+
+static int parse_s3(const uint8_t *p, uint32_t length, const struct migrate_device_info *d, struct migrate_s3_info *s3) {
+        const uint8_t *end = p + length;
+        if (!(d->flags & MIGRATE_DEVICE_S3))
+                return BAD("S3 frame for device \"%s\", which DEVICES did not mark as synchronised to S3", d->name);
+        if (length < 12)
+                return BAD("S3 frame of %u bytes is too short", length);
+        s3->object_size = get32(p);
+        s3->concurrency = get32(p + 4);
+        uint32_t flags = get32(p + 8);
+        p += 12;
+        if (flags & ~1u)
+                return BAD("S3 frame with undefined flags 0x%x", flags);
+        s3->secure = flags & 1u;
+        if (s3->object_size < d->block_size || s3->object_size % d->block_size || s3->object_size > (64u << 20))
+                return BAD("S3 object size %u for device \"%s\" is not a multiple of its block size %u up to 64 MiB",
+                           s3->object_size, d->name, d->block_size);
+        int r;
+        if ((r = get_s3_string(&p, end, "endpoint", s3->endpoint)) < 0 ||
+            (r = get_s3_string(&p, end, "bucket", s3->bucket)) < 0 ||
+            (r = get_s3_string(&p, end, "access key", s3->access_key)) < 0 ||
+            (r = get_s3_string(&p, end, "secret key", s3->secret_key)) < 0 ||
+            (r = get_s3_string(&p, end, "key prefix", s3->prefix)) < 0)
+                return r;
+        if (!*s3->endpoint || !*s3->bucket || !*s3->prefix)
+                return BAD("S3 frame for device \"%s\" without an endpoint, bucket or key prefix", d->name);
+        if (end - p < 8)
+                return BAD("S3 frame truncated before its object count");
+        s3->objects = get64(p);
+        p += 8;
+        uint64_t want = (d->size + s3->object_size - 1) / s3->object_size;
+        if (s3->objects != want)
+                return BAD("S3 frame for device \"%s\" lists %" PRIu64 " objects, its size makes %" PRIu64, d->name,
+                           s3->objects, want);
+        if ((uint64_t)(end - p) != (s3->objects + 7) / 8)
+                return BAD("S3 frame: a bitmap of %td bytes for %" PRIu64 " objects", end - p, s3->objects);
+        if (s3->objects % 8 && (p[s3->objects / 8] >> (s3->objects % 8)))
+                return BAD("S3 frame: bits set past the last object");
+        s3->bitmap = p;
+        return 0;
+}
+
 int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_device_table *table,
                         bool from_source, struct migrate_message *ret) {
         const char *name = type_names[f->type];
@@ -101,12 +158,12 @@ int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_devi
 
         /* Who may send what. */
         bool src_only = f->type == MIGRATE_DEVICES || f->type == MIGRATE_BLOCK || f->type == MIGRATE_BLOCK_ZERO ||
-                        f->type == MIGRATE_BLOCK_ZSTD || f->type == MIGRATE_DIRTY;
+                        f->type == MIGRATE_BLOCK_ZSTD || f->type == MIGRATE_DIRTY || f->type == MIGRATE_S3;
         bool dst_only = f->type == MIGRATE_DEVICES_ACK || f->type == MIGRATE_NEED_AT || f->type == MIGRATE_DONT_NEED_AT;
         if ((src_only && !from_source) || (dst_only && from_source))
                 return BAD("%s may not come from the %s", name, from_source ? "source" : "destination");
 
-        bool per_device = f->type >= MIGRATE_BLOCK && f->type <= MIGRATE_DIRTY;
+        bool per_device = (f->type >= MIGRATE_BLOCK && f->type <= MIGRATE_DIRTY) || f->type == MIGRATE_S3;
         if (per_device || (f->type == MIGRATE_EVENT && f->device != MIGRATE_CONNECTION)) {
                 d = find_device(table, f->device);
                 if (!d)
@@ -207,6 +264,12 @@ int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_devi
                         return BAD("unknown event %u", m.event);
                 }
                 break;
+        case MIGRATE_S3: {
+                int r = parse_s3(p, f->length, d, &m.s3);
+                if (r < 0)
+                        return r;
+                break;
+        }
         case MIGRATE_ERROR: {
                 if (f->length < 6)
                         return BAD("ERROR of %u bytes is too short", f->length);
@@ -290,7 +353,7 @@ int migrate_devices_decode(const struct migrate_frame *f, struct migrate_device_
                 if (d->block_size < 512 || d->block_size > (64u << 20) || (d->block_size & (d->block_size - 1)))
                         return BAD("device \"%s\" has block size %u (a power of two from 512 to 64 MiB expected)",
                                    d->name, d->block_size);
-                if (d->flags & ~(uint32_t)MIGRATE_DEVICE_SHAREDBASE)
+                if (d->flags & ~(uint32_t)(MIGRATE_DEVICE_SHAREDBASE | MIGRATE_DEVICE_S3))
                         return BAD("device \"%s\" has undefined flags 0x%x", d->name, d->flags);
                 for (size_t j = 0; j < i; j++)
                         if (ret->devices[j].id == d->id || strcmp(ret->devices[j].name, d->name) == 0)
@@ -299,6 +362,38 @@ int migrate_devices_decode(const struct migrate_frame *f, struct migrate_device_
         }
         if (p != end)
                 return BAD("DEVICES has %td trailing bytes", end - p);
+        return 0;
+}
+
+static uint8_t *put_s3_string(uint8_t *q, const char *s) {
+        size_t n = MIN(strlen(s), (size_t)MIGRATE_S3_STRING_MAX);
+        put16(q, (uint16_t)n);
+        memcpy(q + 2, s, n);
+        return q + 2 + n;
+}
+
+int migrate_s3_encode(const struct migrate_s3_info *s3, uint8_t **ret_payload, uint32_t *ret_length) {
+        size_t bytes = (s3->objects + 7) / 8;
+        size_t len = 12 + 5 * (2 + MIGRATE_S3_STRING_MAX) + 8 + bytes;
+        if (len > MIGRATE_MAX_PAYLOAD)
+                return error_set(-EFBIG, "migration: %" PRIu64 " S3 objects do not fit one frame", s3->objects);
+        uint8_t *p = malloc(len), *q = p;
+        if (!p)
+                return -ENOMEM;
+        put32(q, s3->object_size);
+        put32(q + 4, s3->concurrency);
+        put32(q + 8, s3->secure ? 1u : 0u);
+        q += 12;
+        q = put_s3_string(q, s3->endpoint);
+        q = put_s3_string(q, s3->bucket);
+        q = put_s3_string(q, s3->access_key);
+        q = put_s3_string(q, s3->secret_key);
+        q = put_s3_string(q, s3->prefix);
+        put64(q, s3->objects);
+        memcpy(q + 8, s3->bitmap, bytes);
+        q += 8 + bytes;
+        *ret_payload = p;
+        *ret_length = (uint32_t)(q - p);
         return 0;
 }
 

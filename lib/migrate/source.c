@@ -6,6 +6,7 @@
 #include "drafter/error.h"
 #include "drafter/io.h"
 #include "drafter/log.h"
+#include "drafter/s3_sync.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -44,6 +45,9 @@ struct source {
         char peer_message[MIGRATE_MAX_MESSAGE + 64];
         struct bitmap *sent;    /* per device: sent at least once */
         struct bitmap *pending; /* per device: in the final set, not yet sent */
+        struct bitmap *s3left;  /* per device: left to S3 (blocks of its current objects), not sent; nbits 0: none */
+        bool *s3_paused;        /* per device: we paused its sync */
+        bool any_s3;
         /* Blocks queued for one sendmsg: each frame is a header (+ index or range) and maybe data,
          * straight from the device's memory or from the slot's buffer. */
         struct slot {
@@ -269,8 +273,12 @@ static int serve_needs(struct source *s, bool postcopy) {
                 s->need_head = (s->need_head + 1) % s->need_cap;
                 s->need_count--;
                 pthread_mutex_unlock(&s->lock);
+                struct bitmap *s3 = &s->s3left[n.device];
                 for (uint64_t b = n.first; b < n.first + n.count; b++) {
-                        if (postcopy && !bitmap_test_and_clear(&s->pending[n.device], b))
+                        /* After the hand-over: what is still ours to send (the final set, or
+                         * blocks left to S3 that the destination could not get from there). */
+                        bool left_to_s3 = s3->nbits && bitmap_test_and_clear(s3, b);
+                        if (postcopy && !bitmap_test_and_clear(&s->pending[n.device], b) && !left_to_s3)
                                 continue;
                         int r = send_block(s, n.device, b);
                         if (r < 0)
@@ -280,8 +288,9 @@ static int serve_needs(struct source *s, bool postcopy) {
         }
 }
 
-static bool device_skips(const struct migrate_source_device *sd, uint64_t block) {
-        return sd->only && !bitmap_test(sd->only, block);
+static bool device_skips(struct source *s, size_t di, uint64_t block) {
+        const struct migrate_source_device *sd = &s->cfg->devices[di];
+        return (sd->only && !bitmap_test(sd->only, block)) || (s->s3left[di].nbits && bitmap_test(&s->s3left[di], block));
 }
 
 static int bulk(struct source *s) {
@@ -305,7 +314,7 @@ static int bulk(struct source *s) {
                                 if (r < 0)
                                         return r;
                         }
-                        if (bitmap_test(&s->sent[di], block) || device_skips(sd, block))
+                        if (bitmap_test(&s->sent[di], block) || device_skips(s, di, block))
                                 continue;
                         int r = send_block(s, di, block);
                         if (r < 0)
@@ -477,6 +486,66 @@ static int barrier(struct source *s) {
         return r < 0 ? r : wait_for(s, &s->barrier_ack, true);
 }
 
+/* Devices kept in S3: pause the sync (no upload in flight after this), track every write from now
+ * on, and take the sync's current objects: their blocks are left to S3. */
+static int prepare_s3(struct source *s) {
+        if (!(s->caps & MIGRATE_CAP_S3) || s->cfg->lazy)
+                return 0;
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                const struct migrate_source_device *sd = &s->cfg->devices[di];
+                if (!sd->s3 || !sd->s3->sync || sd->only || !dirty_tracker_inner(sd->dev))
+                        continue;
+                uint64_t objects = s3_object_count(sd->dev->size, sd->s3->info.object_size);
+                _cleanup_(bitmap_free) struct bitmap current = {0};
+                if (bitmap_init(&current, objects) < 0 || bitmap_init(&s->s3left[di], block_device_block_count(sd->dev)) < 0)
+                        return -ENOMEM;
+                dirty_tracker_track_all(sd->dev);
+                s3_sync_pause(sd->s3->sync);
+                s->s3_paused[di] = true;
+                int r = s3_sync_snapshot(sd->s3->sync, &current);
+                if (r < 0)
+                        return r;
+                uint64_t per = sd->s3->info.object_size / sd->dev->block_size, blocks = s->s3left[di].nbits;
+                for (uint64_t o = bitmap_next_set(&current, 0); o < objects; o = bitmap_next_set(&current, o + 1))
+                        bitmap_set_range(&s->s3left[di], o * per, MIN(per, blocks - o * per));
+                s->table.devices[di].flags |= MIGRATE_DEVICE_S3;
+                s->stats.s3_blocks += bitmap_count(&s->s3left[di]);
+                s->any_s3 = true;
+                log_debug("migration: device %zu: %" PRIu64 " of %" PRIu64 " objects current in S3", di,
+                          bitmap_count(&current), objects);
+        }
+        return 0;
+}
+
+static int send_s3(struct source *s) {
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                if (!(s->table.devices[di].flags & MIGRATE_DEVICE_S3))
+                        continue;
+                const struct migrate_source_device *sd = &s->cfg->devices[di];
+                struct migrate_s3_info info = sd->s3->info;
+                uint64_t per = info.object_size / sd->dev->block_size;
+                info.objects = s3_object_count(sd->dev->size, info.object_size);
+                _cleanup_free_ uint8_t *bits = calloc((info.objects + 7) / 8 + 1, 1);
+                if (!bits)
+                        return -ENOMEM;
+                for (uint64_t o = 0; o < info.objects; o++)
+                        if (bitmap_test(&s->s3left[di], o * per))
+                                bits[o / 8] |= (uint8_t)(1u << (o % 8));
+                info.bitmap = bits;
+                uint8_t *p;
+                uint32_t len;
+                int r = migrate_s3_encode(&info, &p, &len);
+                if (r < 0)
+                        return r;
+                struct iovec iov = {p, len};
+                r = send_frame(s, MIGRATE_S3, s->table.devices[di].id, &iov, 1);
+                free(p);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
 static int handshake(struct source *s) {
         uint8_t p[20];
         struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
@@ -500,8 +569,10 @@ static int handshake(struct source *s) {
         if (m.hello.version != MIGRATE_VERSION)
                 return error_set(-EPROTO, "migration: destination speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
-        s->caps = m.hello.capabilities &
-                  (MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER | (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
+        s->caps = m.hello.capabilities & (MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER | MIGRATE_CAP_S3 |
+                                          (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
+        if ((r = prepare_s3(s)) < 0)
+                return r;
 
         uint8_t *dp;
         uint32_t dlen;
@@ -510,7 +581,7 @@ static int handshake(struct source *s) {
         struct iovec div = {dp, dlen};
         r = send_frame(s, MIGRATE_DEVICES, MIGRATE_CONNECTION, &div, 1);
         free(dp);
-        if (r < 0)
+        if (r < 0 || (r = send_s3(s)) < 0)
                 return r;
         if ((r = migrate_read_frame(s->fd, &buf, &cap, &f)) < 0)
                 return r;
@@ -703,11 +774,12 @@ static int run(struct source *s) {
                     (r = send_event(s, s->table.devices[di].id, MIGRATE_EVENT_COMPLETED)) < 0)
                         return r;
         }
-        if ((r = wait_for(s, &s->authority_ack, false)) < 0)
+        /* Blocks left to S3 that the destination cannot get from there, it asks us for. */
+        if ((r = wait_for(s, &s->authority_ack, s->any_s3)) < 0)
                 return r;
         s->stats.authority_transferred = true;
         s->stats.authority_ns = clock_now_ns() - t;
-        if ((r = wait_for(s, &s->completed_ack, false)) < 0)
+        if ((r = wait_for(s, &s->completed_ack, s->any_s3)) < 0)
                 return r;
         s->stats.completed = true;
         s->stats.total_ns = clock_now_ns() - t0;
@@ -735,6 +807,8 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         int r = -ENOMEM;
         s.sent = calloc(cfg->count, sizeof(struct bitmap));
         s.pending = calloc(cfg->count, sizeof(struct bitmap));
+        s.s3left = calloc(cfg->count, sizeof(struct bitmap));
+        s.s3_paused = calloc(cfg->count, sizeof(bool));
         /* A block read into a buffer is compressed into the buffer's second half; a compressed
          * block larger than 7/8 of the original is not worth sending anyway. */
         s.buf_cap = 2 * (size_t)max_block;
@@ -743,7 +817,7 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         s.iov = calloc(2 * s.slot_count, sizeof(*s.iov));
         if (cfg->compress)
                 s.cctx = ZSTD_createCCtx();
-        if (s.sent && s.pending && s.slots && s.iov && (!cfg->compress || s.cctx)) {
+        if (s.sent && s.pending && s.s3left && s.s3_paused && s.slots && s.iov && (!cfg->compress || s.cctx)) {
                 r = 0;
                 for (size_t i = 0; i < cfg->count && r == 0; i++)
                         if (bitmap_init(&s.sent[i], block_device_block_count(cfg->devices[i].dev)) < 0 ||
@@ -773,9 +847,16 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
                 s.stats.authority_transferred = true;
                 error_set(r, "%s (after AUTHORITY was sent: the destination may have taken over)", why);
         }
+        /* The devices stay ours: their sync goes on (a handed-over device's stays paused: the
+         * destination writes its objects now). */
+        for (size_t i = 0; s.s3_paused && i < cfg->count; i++)
+                if (s.s3_paused[i] && r < 0 && !s.stats.authority_transferred)
+                        s3_sync_resume(cfg->devices[i].s3->sync);
         if (ret_stats)
                 *ret_stats = s.stats;
         for (size_t i = 0; i < cfg->count; i++) {
+                if (s.s3left)
+                        bitmap_free(&s.s3left[i]);
                 if (s.sent)
                         bitmap_free(&s.sent[i]);
                 if (s.pending)
@@ -783,6 +864,8 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         }
         free(s.sent);
         free(s.pending);
+        free(s.s3left);
+        free(s.s3_paused);
         for (size_t i = 0; s.slots && i < s.slot_count; i++)
                 free(s.slots[i].buf);
         free(s.slots);

@@ -138,3 +138,22 @@ package_peer_devices() {
         pyjson "[dict({'name': n, 'base': '$1/' + f, 'overlay': '$2/overlay/' + f, 'state': '$2/state/' + f,
                        'blockSize': 65536}, **${3:-{\}}) for n, f in $PKG_FILES]"
 }
+
+# s3rver (scripts/install-s3rver) on 127.0.0.1:PORT with its data in DIR and bucket BUCKET;
+# S3RVER_PID is set. Skips (77) only if s3rver cannot be installed.
+start_s3rver() { # DIR PORT BUCKET
+        local bin
+        bin=$("$(dirname "${BASH_SOURCE[0]}")/../../scripts/install-s3rver" 2>"$WORK/install-s3rver.log") ||
+                { cat "$WORK/install-s3rver.log"; echo "SKIP: s3rver cannot be installed"; exit 77; }
+        mkdir -p "$1"
+        "$bin" -d "$1" -a 127.0.0.1 -p "$2" -s --configure-bucket "$3" >>"$WORK/s3rver.log" 2>&1 &
+        S3RVER_PID=$!
+        on_exit "kill -9 $S3RVER_PID 2>/dev/null"
+        for _ in $(seq 1 100); do
+                python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 0.2)' "$2" 2>/dev/null && return 0
+                sleep 0.1
+        done
+        cat "$WORK/s3rver.log"
+        fail "s3rver did not start on port $2"
+}
+stop_s3rver() { kill -9 "$S3RVER_PID" 2>/dev/null || true; wait "$S3RVER_PID" 2>/dev/null || true; }

@@ -165,7 +165,7 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                 }
                 assert_ok(dirty_tracker_wrap(vdev, DIRTY_TRACK_AFTER_READ, &w.src[i]));
                 w.sdev[i] = (struct migrate_source_device){shapes[i].name, w.src[i], w.vm[i], NULL, max_dirty,
-                                                           min_cycles, max_cycles, throttle_ns, NULL};
+                                                           min_cycles, max_cycles, throttle_ns, NULL, NULL};
         }
         assert_int_equal(pthread_create(&w.writer, NULL, writer, &w), 0);
         w.writer_running = true;
