@@ -177,7 +177,7 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                 snprintf(out[i].tmp, sizeof(out[i].tmp), "%s.drafter-tmp-%d", c->output, (int)getpid());
                 if ((r = fs_mkdir_parents(c->output)) < 0)
                         break;
-                if (*c->input) {
+                if (c->input && *c->input) {
                         log_info("Copying %s to %s", c->input, c->output);
                         r = fs_copy_file(c->input, out[i].tmp, 0);
                 } else if (strcmp(c->name, "memory") == 0) {

@@ -262,7 +262,14 @@ static int resolve_binary(const char *name, char **ret_path) {
         return error_set(-ENOENT, "qemu: %s not found in PATH (install qemu-system-x86)", name);
 }
 
+/* /dev/kvm that runs a stock guest kernel. A /dev/kvm backed by kvm-pvm (the "pagetable virtual
+ * machine" of some nested clouds) only runs PVM-aware guest kernels: Debian's kernel boots into
+ * emulation errors there and never reaches userspace, so that one counts as no KVM. */
 static bool kvm_available(void) {
+        if (access("/sys/module/kvm_pvm", F_OK) == 0) {
+                log_debug("qemu: /dev/kvm is kvm-pvm (PVM guests only): using TCG");
+                return false;
+        }
         _cleanup_close_ int fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
         return fd >= 0;
 }
