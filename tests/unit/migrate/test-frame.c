@@ -311,8 +311,102 @@ static void test_mutations(void **state) {
         assert_true(accepted > 1000 && refused > 1000);
 }
 
+/* S3 frames: a round trip, each malformed field refused with its reason, and seeded damage
+ * either refused or parsed within bounds. Device 7 ("memory", 11 blocks of 64 KiB) is marked S3. */
+static uint32_t s3_frame(uint8_t **ret, uint32_t object_size, uint64_t objects, const char *prefix) {
+        uint8_t bits[2] = {0x05, 0x00}; /* objects 0 and 2 */
+        struct migrate_s3_info info = {.object_size = object_size, .concurrency = 16, .secure = true,
+                                       .endpoint = "127.0.0.1:4568", .bucket = "drafter-test",
+                                       .access_key = "S3RVER", .secret_key = "S3RVER", .objects = objects,
+                                       .bitmap = bits};
+        snprintf(info.prefix, sizeof(info.prefix), "%s", prefix);
+        uint32_t len;
+        assert_ok(migrate_s3_encode(&info, ret, &len));
+        return len;
+}
+
+static int parse_s3(const struct migrate_device_table *t, uint8_t *p, uint32_t len, struct migrate_message *m) {
+        struct migrate_frame f = {.type = MIGRATE_S3, .device = 7, .length = len, .payload = p};
+        return migrate_frame_parse(&f, t, true, m);
+}
+
+static void test_s3(void **state) {
+        struct migrate_device_table t = table;
+        t.devices[0].flags = MIGRATE_DEVICE_S3;
+        uint8_t *p;
+        struct migrate_message m;
+        /* 10 * 64 KiB + 100 bytes in 256 KiB objects: 3 objects. */
+        uint32_t len = s3_frame(&p, 4 * 65536, 3, "drafter/0123456789abcdef");
+        assert_ok(parse_s3(&t, p, len, &m));
+        assert_int_equal(m.s3.object_size, 4 * 65536);
+        assert_int_equal(m.s3.concurrency, 16);
+        assert_true(m.s3.secure);
+        assert_string_equal(m.s3.endpoint, "127.0.0.1:4568");
+        assert_string_equal(m.s3.bucket, "drafter-test");
+        assert_string_equal(m.s3.secret_key, "S3RVER");
+        assert_string_equal(m.s3.prefix, "drafter/0123456789abcdef");
+        assert_int_equal(m.s3.objects, 3);
+        assert_int_equal(m.s3.bitmap[0], 0x05);
+        /* Refused: device not marked, wrong counts and sizes, stray bits, bad bytes, short frames. */
+        assert_int_equal(parse_s3(&table, p, len, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "which DEVICES did not mark"));
+        free(p);
+        len = s3_frame(&p, 4 * 65536, 4, "x");
+        assert_int_equal(parse_s3(&t, p, len, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "lists 4 objects, its size makes 3"));
+        free(p);
+        len = s3_frame(&p, 65536 + 4096, 3, "x");
+        assert_int_equal(parse_s3(&t, p, len, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "is not a multiple of its block size"));
+        free(p);
+        len = s3_frame(&p, 4 * 65536, 3, "x");
+        p[len - 1] = 0x0f; /* object 3 does not exist */
+        assert_int_equal(parse_s3(&t, p, len, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "bits set past the last object"));
+        p[len - 1] = 0x05;
+        p[14] = '\n'; /* inside the endpoint */
+        assert_int_equal(parse_s3(&t, p, len, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "endpoint has a byte 0x0a"));
+        p[14] = '2';
+        assert_int_equal(parse_s3(&t, p, len - 1, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "bitmap of 0 bytes for 3 objects"));
+        assert_int_equal(parse_s3(&t, p, 20, &m), -EBADMSG);
+        assert_int_equal(parse_s3(&t, p, 11, &m), -EBADMSG);
+        assert_non_null(strstr(error_message(), "too short"));
+
+        struct test_rng rng = {test_seed("test-frame-s3")};
+        unsigned accepted = 0, refused = 0;
+        uint8_t *q = malloc(len + 16);
+        assert_non_null(q);
+        for (int i = 0; i < 5000; i++) {
+                memcpy(q, p, len);
+                uint32_t n = len;
+                if (test_rng_below(&rng, 3))
+                        for (int k = 0; k < 2; k++)
+                                q[test_rng_below(&rng, len)] ^= (uint8_t)(1 + test_rng_below(&rng, 255));
+                else
+                        n = (uint32_t)test_rng_below(&rng, len + 16);
+                int r = parse_s3(&t, q, n, &m);
+                if (r < 0) {
+                        assert_int_equal(r, -EBADMSG);
+                        refused++;
+                        continue;
+                }
+                accepted++;
+                assert_int_equal(m.s3.objects, 3);
+                assert_true(m.s3.object_size % 65536 == 0 && m.s3.object_size <= (64u << 20));
+                assert_true(strlen(m.s3.endpoint) <= MIGRATE_S3_STRING_MAX && strlen(m.s3.prefix) <= MIGRATE_S3_STRING_MAX);
+                assert_true(m.s3.bitmap >= q && m.s3.bitmap < q + n);
+        }
+        fprintf(stderr, "  5000 S3 frames: %u accepted within bounds, %u refused\n", accepted, refused);
+        assert_true(accepted > 100 && refused > 1000);
+        free(q);
+        free(p);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_s3),
                 cmocka_unit_test(test_round_trips),
                 cmocka_unit_test(test_malformed),
                 cmocka_unit_test(test_mutations),
