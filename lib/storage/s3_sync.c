@@ -288,6 +288,24 @@ int s3_sync_start(const struct s3_sync_options *o, struct s3_sync **ret) {
                         s->first_change[i] = 1; /* long stale: due at once */
                 }
         }
+        /* Writes before now: an object S3 held is stale now; the others are due anyway (their
+         * upload reads what the writes left). */
+        uint64_t *blocks;
+        size_t n;
+        int r = dirty_tracker_collect(dev, &blocks, &n);
+        if (r < 0) {
+                s3_sync_free(s);
+                return r;
+        }
+        for (size_t i = 0; i < n; i++) {
+                uint64_t obj = blocks[i] / (o->object_size / dev->block_size);
+                if (obj < s->count && bitmap_test(&s->current, obj)) {
+                        bitmap_clear(&s->current, obj);
+                        bitmap_set(&s->need, obj);
+                        s->first_change[obj] = s->last_write[obj] = now;
+                }
+        }
+        free(blocks);
         unsigned started = 0;
         for (; started < s->nthreads; started++)
                 if (pthread_create(&s->threads[started], NULL, upload_thread, s) != 0)
