@@ -141,12 +141,12 @@ package_peer_devices() {
 
 # s3rver (scripts/install-s3rver) on 127.0.0.1:PORT with its data in DIR and bucket BUCKET;
 # S3RVER_PID is set. Skips (77) only if s3rver cannot be installed.
-start_s3rver() { # DIR PORT BUCKET
+start_s3rver() { # DIR PORT BUCKET [s3rver options, e.g. --key K --cert C]
         local bin
         bin=$("$(dirname "${BASH_SOURCE[0]}")/../../scripts/install-s3rver" 2>"$WORK/install-s3rver.log") ||
                 { cat "$WORK/install-s3rver.log"; echo "SKIP: s3rver cannot be installed"; exit 77; }
         mkdir -p "$1"
-        "$bin" -d "$1" -a 127.0.0.1 -p "$2" -s --configure-bucket "$3" >>"$WORK/s3rver.log" 2>&1 &
+        "$bin" -d "$1" -a 127.0.0.1 -p "$2" -s --configure-bucket "$3" "${@:4}" >>"$WORK/s3rver.log" 2>&1 &
         S3RVER_PID=$!
         on_exit "kill -9 $S3RVER_PID 2>/dev/null"
         for _ in $(seq 1 100); do

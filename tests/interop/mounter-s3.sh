@@ -4,7 +4,8 @@
 # changes it, survives S3 going down and resumes uploading when it is back; A→B under writes
 # takes most blocks from S3 (bytes over the link vs from S3 printed, the link's share asserted),
 # byte-exact; B got the S3 configuration from A and B→C uses S3 again; C→D with S3 down falls
-# back to the peer link, byte-exact.
+# back to the peer link, byte-exact. Then HTTPS ("s3secure"): with the server's CA the sync
+# works; with only the system CAs the start fails naming the certificate.
 . "$(dirname "$0")/lib.sh"
 need python3 cmp
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
@@ -101,4 +102,26 @@ grep -q 'giving up on S3' "$WORK/d.log" || { cat "$WORK/d.log"; fail "D did not 
 echo "C→D (S3 down): $(grep -h 'From S3:' "$WORK/d.log")"
 kill -INT "$PID_d"
 wait "$PID_d" || fail "D exited with an error"
+
+# 6. HTTPS.
+need openssl
+openssl req -x509 -newkey rsa:2048 -nodes -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 1 \
+        -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 >/dev/null 2>&1 || fail "openssl req failed"
+S3PORT=$(free_port)
+start_s3rver "$WORK/s3tls" "$S3PORT" drafter-test --key "$WORK/key.pem" --cert "$WORK/cert.pem"
+mkdir -p "$WORK/t/base"
+cp "$WORK/orig.img" "$WORK/t/base/disk.img"
+tls_devices() { devices t true | sed 's/"s3secure":false/"s3secure":true/'; }
+CURL_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt "$DRAFTER_MOUNTER" --devices "$(tls_devices)" --raddr '' --laddr '' \
+        --mount-dir "$WORK/t/mnt" >"$WORK/t0.log" 2>&1 && fail "HTTPS without the CA started"
+grep -qi 'certificate\|CA' "$WORK/t0.log" || { cat "$WORK/t0.log"; fail "no certificate error without the CA"; }
+echo "https without the CA: $(grep -o 's3: PUT https[^ ]* [^(]*' "$WORK/t0.log" | head -1 | cut -c1-120)"
+CURL_CA_BUNDLE=$WORK/cert.pem "$DRAFTER_MOUNTER" --devices "$(tls_devices)" --raddr '' --laddr '' \
+        --mount-dir "$WORK/t/mnt" >"$WORK/t.log" 2>&1 &
+T=$!
+on_exit "kill -9 $T 2>/dev/null; umount -l '$WORK/t/mnt' 2>/dev/null"
+wait_log "$WORK/t.log" 'is in bucket' 30
+echo "https: $(grep -h 'is in bucket' "$WORK/t.log" | sed 's/^[0-9/: ]*//')"
+kill -INT $T
+wait $T || fail "the HTTPS mounter exited with an error"
 echo "ok"
