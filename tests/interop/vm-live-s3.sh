@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # S3-assisted live migration of a running VM, real drafter-peer processes and a real S3 server
 # (s3rver): a peer with wrong S3 credentials fails at start and leaves no QEMU behind; peer A
-# resumes the package with "s3sync" on every device and uploads it; A -> B takes most of the
+# resumes the package with "s3sync" on every device and uploads it; S3 stops while A's VM runs
+# (uploads fail, the guest's counter goes on) and comes back (uploads resume); A -> B takes most of the
 # bytes from S3 (bytes over the link vs from S3 printed, the link's share asserted) and the guest's
 # counter continues; B had no S3 configuration and got A's, so B -> C uses S3 again.
 . "$(dirname "$0")/lib.sh"
@@ -96,6 +97,20 @@ wait_counts "$WORK/A.out" 3 "$PID_A"
 for _ in $(seq 1 600); do (( $(grep -c 'is in bucket' "$WORK/A.log") >= 6 )) && break; sleep 0.1; done
 (( $(grep -c 'is in bucket' "$WORK/A.log") >= 6 )) || { cat "$WORK/A.log"; fail "A did not upload its devices"; }
 grep -h 'is in bucket' "$WORK/A.log" | sed 's/^[0-9/: ]*//'
+
+# S3 goes away while the VM runs: uploads fail, the VM goes on; S3 back: uploads resume.
+stop_s3rver
+for _ in $(seq 1 900); do grep -q 'upload failed, the VM runs on' "$WORK/A.log" && break; sleep 0.1; done
+grep -q 'upload failed, the VM runs on' "$WORK/A.log" || { cat "$WORK/A.log"; fail "A never tried to upload while S3 was down"; }
+before=$(counts "$WORK/A.out" | tail -1)
+sleep 1
+after=$(counts "$WORK/A.out" | tail -1)
+(( after > before )) || fail "A's VM stopped while S3 was down ($before, $after)"
+start_s3rver "$WORK/s3" "$S3PORT" drafter-vm
+for _ in $(seq 1 600); do grep -q 'uploads resumed' "$WORK/A.log" && break; sleep 0.1; done
+grep -q 'uploads resumed' "$WORK/A.log" || { cat "$WORK/A.log"; fail "A's uploads did not resume"; }
+echo "S3 down while A runs: $(grep -h -m1 -o 'S3: device "[a-z]*": upload failed' "$WORK/A.log"), counter $before -> $after; back: $(grep -h -m1 -o 'S3: device "[a-z]*": uploads resumed' "$WORK/A.log")"
+sleep 2 # what changed meanwhile goes up
 
 peer B "$WORK/b/package" "127.0.0.1:$PA" "127.0.0.1:$PB" false
 finished A
