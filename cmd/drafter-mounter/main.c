@@ -266,7 +266,8 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
                         for (size_t i = 0; i < m->count; i++)
                                 gate_device_shut(m->top[i], -EROFS);
                         log_info("Completed all device migrations (%" PRIu64 " cycles, %" PRIu64 " blocks, %.1f MB, "
-                                 "%.1f ms)", st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.total_ns / 1e6);
+                                 "%.1f ms; writes frozen %.1f ms before the hand-over)",
+                                 st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.total_ns / 1e6, st.suspend_ns / 1e6);
                         close(lfd);
                         return 0;
                 }
