@@ -20,6 +20,7 @@
 #include "drafter/migrate.h"
 #include "drafter/s3_sync.h"
 #include "drafter/storage.h"
+#include "drafter/tls.h"
 #include "drafter/transport.h"
 
 #include <errno.h>
@@ -50,6 +51,7 @@ struct mounter {
         struct block_device **s3track;     /* the S3 sync's dirty tracker (above bottom) */
         struct fuse_export *fx;
         struct migrate_destination *dest;
+        struct tls_context *tls; /* NULL: plain TCP */
         const char *mount_dir;
         unsigned concurrency;
         bool disable_postcopy;
@@ -128,8 +130,8 @@ static int allocate(struct mounter *m, size_t count) {
 static int receive(struct mounter *m, const char *raddr, int sigfd) {
         int fd, r;
         log_info("Connecting to %s", raddr);
-        if ((r = transport_connect(raddr, 60000, &fd)) < 0)
-                return r;
+        if ((r = transport_connect(raddr, 60000, &fd)) < 0 || (r = tls_wrap(m->tls, fd, false, 10000, &fd)) < 0)
+                return error_prefix(r, "%s", raddr);
         uint64_t start = clock_now_ns();
         struct migrate_destination_config dcfg = {
                 .open_device = open_local, .ctx = m, .disable_postcopy = m->disable_postcopy};
@@ -258,6 +260,10 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
                 int fd;
                 if (transport_accept(lfd, 0, &fd) < 0)
                         continue;
+                if (tls_wrap(m->tls, fd, true, 10000, &fd) < 0) {
+                        log_error("refused a peer: %s", error_message());
+                        continue;
+                }
                 log_info("Migrating %zu devices to a peer", m->count);
                 struct migrate_stats st;
                 r = migrate_source_run(fd, &cfg, &st);
@@ -292,7 +298,9 @@ int main(int argc, char **argv) {
         const char *mount_dir = "out/mnt";
         int64_t concurrency = 1024;
         bool verbose = false, disable_postcopy = false;
+        struct tls_options tls = {0};
         struct flag flags[] = {
+                TLS_FLAGS(tls),
                 {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
                 {"raddr", FLAG_STRING, &raddr, "Remote address to connect to (leave empty to disable)"},
                 {"laddr", FLAG_STRING, &laddr, "Local address to listen on (leave empty to disable)"},
@@ -324,8 +332,11 @@ int main(int argc, char **argv) {
                             .concurrency = (unsigned)MIN(concurrency, (int64_t)UINT_MAX),
                             .disable_postcopy = disable_postcopy};
         int status = 1;
+        if (tls_context_from_flags(&tls, *raddr || *laddr, &m.tls) < 0)
+                return 1;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &m.list) < 0) {
                 log_error("%s", error_message());
+                tls_context_free(m.tls);
                 return 1;
         }
         if (*raddr)
@@ -375,6 +386,7 @@ out:
         for (size_t i = 0; i < m.created_count; i++)
                 free(m.created[i]);
         device_list_free(&m.list);
+        tls_context_free(m.tls);
         close(sigfd);
         return status;
 }
