@@ -8,6 +8,7 @@
 #include "drafter/instance.h"
 #include "drafter/log.h"
 #include "drafter/signals.h"
+#include "drafter/tls.h"
 #include "drafter/transport.h"
 #include "drafter/cleanup.h"
 
@@ -33,7 +34,9 @@ int main(int argc, char **argv) {
         int64_t cgroup_version = 2, concurrency = 1024;
         int64_t resume_timeout = 60 * NSEC_PER_SEC, agent_timeout = 10 * NSEC_PER_SEC;
         bool enable_input = false, enable_output = true, verbose = false, disable_postcopy = false;
+        struct tls_options tls_options = {0};
         struct flag flags[] = {
+                TLS_FLAGS(tls_options),
                 {"agent-timeout", FLAG_DURATION, &agent_timeout, "Time to wait for each try of an agent call"},
                 {"cgroup-version", FLAG_INT, &cgroup_version, "Cgroup version to use for Jailer"},
                 {"chroot-base-dir", FLAG_STRING, &chroot_base, "chroot base directory"},
@@ -62,9 +65,13 @@ int main(int argc, char **argv) {
                           vmm);
                 return 2;
         }
+        struct tls_context *tls;
+        if (tls_context_from_flags(&tls_options, *raddr || *laddr, &tls) < 0)
+                return 1;
         struct device_list devices;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &devices) < 0) {
                 log_error("%s", error_message());
+                tls_context_free(tls);
                 return 1;
         }
         /* Signals arrive on a descriptor; QEMU runs in its own process group, so a terminal's
@@ -81,7 +88,8 @@ int main(int argc, char **argv) {
                                      .enable_input = enable_input,
                                      .agent_timeout_ns = (uint64_t)agent_timeout,
                                      .resume_timeout_ns = (uint64_t)resume_timeout,
-                                     .netns = netns};
+                                     .netns = netns,
+                                     .tls = tls};
         struct instance *inst;
         int status = 1, lfd = -1;
         r = *raddr ? instance_receive(&devices, &o, raddr, disable_postcopy, &inst) : instance_resume(&devices, &o, &inst);
@@ -145,6 +153,10 @@ int main(int argc, char **argv) {
                         int fd;
                         if (transport_accept(lfd, 0, &fd) < 0)
                                 continue;
+                        if (tls_wrap(tls, fd, true, 10000, &fd) < 0) {
+                                log_error("refused a peer: %s", error_message());
+                                continue;
+                        }
                         log_info("Migrating the VM to a peer");
                         struct migrate_stats st;
                         r = instance_migrate_out(inst, fd, (unsigned)MIN(concurrency, 64), &st);
@@ -177,6 +189,7 @@ int main(int argc, char **argv) {
         instance_free(inst);
 out:
         device_list_free(&devices);
+        tls_context_free(tls);
         close(sigfd);
         return status;
 }

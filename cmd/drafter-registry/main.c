@@ -13,6 +13,7 @@
 #include "drafter/log.h"
 #include "drafter/migrate.h"
 #include "drafter/signals.h"
+#include "drafter/tls.h"
 #include "drafter/transport.h"
 
 #include <errno.h>
@@ -50,6 +51,7 @@ struct registry {
         struct block_device *files[MIGRATE_MAX_DEVICES];
         size_t count;
         struct migrate_source_config cfg;
+        struct tls_context *tls; /* NULL: plain TCP */
         pthread_mutex_t lock;
         struct peer *peers[MAX_PEERS];
         unsigned served, failed, next_number;
@@ -60,7 +62,21 @@ static void *serve_peer(void *arg) {
         struct registry *reg = p->reg;
         struct migrate_stats st;
         uint64_t t0 = clock_now_ns();
-        int r = migrate_source_run(p->fd, &reg->cfg, &st);
+        int fd = p->fd, r = 0;
+        if (reg->tls) {
+                /* The relay owns a duplicate; p->fd stays ours to shut down and close. */
+                int copy = dup(p->fd);
+                r = copy < 0 ? error_set_errno(-errno, "dup") : tls_wrap(reg->tls, copy, true, 10000, &fd);
+                /* As TCP_NOTSENT_LOWAT on the socket: little may wait ahead of a NEED_AT answer. */
+                int size = NOTSENT_LOWAT;
+                if (r >= 0)
+                        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+        }
+        memset(&st, 0, sizeof(st));
+        if (r >= 0)
+                r = migrate_source_run(fd, &reg->cfg, &st);
+        if (fd != p->fd)
+                close(fd);
         pthread_mutex_lock(&reg->lock);
         if (r < 0) {
                 reg->failed++;
@@ -180,7 +196,9 @@ int main(int argc, char **argv) {
         const char *devices_json = default_devices, *laddr = "localhost:1337", *raddr = "";
         int64_t concurrency = 1024;
         bool verbose = false, compress = false;
+        struct tls_options tls_options = {0};
         struct flag flags[] = {
+                TLS_FLAGS(tls_options),
                 {"compress", FLAG_BOOL, &compress, "Whether to offer zstd-compressed blocks (for slow links)"},
                 {"concurrency", FLAG_INT, &concurrency, "Number of concurrent workers to use in migrations"},
                 {"devices", FLAG_STRING, &devices_json, "Devices configuration"},
@@ -206,12 +224,15 @@ int main(int argc, char **argv) {
                 log_error("--concurrency must be at least 1");
                 return 2;
         }
+        struct registry reg = {0};
+        if (tls_context_from_flags(&tls_options, true, &reg.tls) < 0)
+                return 1;
         struct device_list list;
         if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &list) < 0) {
                 log_error("%s", error_message());
+                tls_context_free(reg.tls);
                 return 2;
         }
-        struct registry reg = {0};
         pthread_mutex_init(&reg.lock, NULL);
         int sigfd = signals_stop_fd(), lfd = -1, port;
         if (sigfd < 0)
@@ -249,6 +270,7 @@ int main(int argc, char **argv) {
         if (sigfd >= 0)
                 close(sigfd);
         device_list_free(&list);
+        tls_context_free(reg.tls);
         pthread_mutex_destroy(&reg.lock);
         return r < 0 ? 1 : 0;
 }

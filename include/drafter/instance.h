@@ -15,6 +15,8 @@
 #include "drafter/device_config.h"
 #include "drafter/migrate.h"
 
+struct tls_context;
+
 struct instance_options {
         const char *qemu_bin;     /* NULL: qemu-system-x86_64 */
         const char *runtime_base; /* per-VM runtime directories go here (--chroot-base-dir) */
@@ -33,6 +35,8 @@ struct instance_options {
          * gives the VM a NIC on tap `tap` with MAC `mac` there (recorded in config.json); a
          * peer resumes such a package only with a namespace that has the same tap. */
         const char *netns, *tap, *mac;
+        /* Migration links (peer): TLS credentials, NULL: plain TCP (tls.h). */
+        struct tls_context *tls;
 };
 
 /* Boot the blueprint of `devices` (snapshotter schema), wait for liveness, call BeforeSuspend,

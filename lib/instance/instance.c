@@ -13,6 +13,7 @@
 #include "drafter/log.h"
 #include "drafter/migrate.h"
 #include "drafter/storage.h"
+#include "drafter/tls.h"
 #include "drafter/transport.h"
 #include "drafter/vm_config.h"
 #include "drafter/vmm.h"
@@ -678,8 +679,8 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                 return -ENOMEM;
         int fd;
         log_info("Connecting to %s", raddr);
-        if ((r = transport_connect(raddr, 60000, &fd)) < 0)
-                return fail_instance(inst, r);
+        if ((r = transport_connect(raddr, 60000, &fd)) < 0 || (r = tls_wrap(o->tls, fd, false, 10000, &fd)) < 0)
+                return fail_instance(inst, error_prefix(r, "%s", raddr));
         struct migrate_destination_config dcfg = {.open_device = open_received,
                                                   .on_authority = on_authority,
                                                   .ctx = inst,

@@ -6,8 +6,10 @@
 #     and the counter continues at every hop;
 #  3. then ping-pong: 10 more hops between two sides, each hop a new peer process with a fresh
 #     overlay over its side's base file (created empty by the side's first receiver).
+# Every link is secured with a pre-shared key (TLS 1.3); first of all a peer with a wrong key
+# tries to take A's VM and is refused, and A's VM keeps running.
 . "$(dirname "$0")/lib.sh"
-need qemu-system-x86_64 python3
+need qemu-system-x86_64 python3 openssl
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
 : "${DRAFTER_SNAPSHOTTER:?}" "${DRAFTER_PEER:?}" "${DRAFTER_AGENT:?}" "${DRAFTER_LIVENESS:?}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -47,9 +49,10 @@ wait_counts() { # file n pid
         tail -20 "$1"; fail "fewer than $2 counts in $1"
 }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-peer() { # name base-dir raddr laddr minCycles throttle -> PID_<name>
+(umask 077 && openssl rand -hex 32 >"$WORK/link.psk" && openssl rand -hex 32 >"$WORK/wrong.psk")
+peer() { # name base-dir raddr laddr minCycles throttle -> PID_<name>; the key file in $PSK
         "$DRAFTER_PEER" --devices "$(devices "$2" "$WORK/$1" "$5" "$6")" --chroot-base-dir "$WORK/vms" \
-                --raddr "$3" --laddr "$4" >"$WORK/$1.out" 2>"$WORK/$1.log" &
+                --raddr "$3" --laddr "$4" --psk-file "${PSK:-$WORK/link.psk}" >"$WORK/$1.out" 2>"$WORK/$1.log" &
         printf -v "PID_$1" '%s' $!
         on_exit "kill -9 $! 2>/dev/null"
 }
@@ -71,6 +74,19 @@ finished() { # name
 PA=$(port)
 peer A "$P" "" "127.0.0.1:$PA" 10 300000000
 wait_counts "$WORK/A.out" 3 "$PID_A"
+PSK=$WORK/wrong.psk peer W "$WORK/w/package" "127.0.0.1:$PA" "" 10 300000000
+rc=0
+timeout 60 tail --pid="$PID_W" -f /dev/null
+wait "$PID_W" || rc=$?
+((rc != 0)) || fail "a peer with the wrong key received the VM"
+grep -q "TLS handshake: the peer refused us" "$WORK/W.log" || { cat "$WORK/W.log"; fail "no clear error for the wrong key"; }
+grep -q "refused a peer: TLS handshake" "$WORK/A.log" || { cat "$WORK/A.log"; fail "A did not say it refused a peer"; }
+! grep -q "Migrated .* initial blocks" "$WORK/A.log" || fail "A sent blocks to a peer with the wrong key"
+before=$(counts "$WORK/A.out" | tail -1)
+sleep 1
+after=$(counts "$WORK/A.out" | tail -1)
+(( after > before )) || fail "A's VM stopped counting after refusing a peer ($before, $after)"
+echo "peer with a wrong key: refused ($(grep -o 'TLS handshake: .*' "$WORK/W.log" | head -1)), A kept running ($before -> $after)"
 peer X "$WORK/x/package" "127.0.0.1:$PA" "" 10 300000000
 for _ in $(seq 1 300); do grep -q "Migrated .* initial blocks" "$WORK/A.log" && break; sleep 0.05; done
 sleep 1
