@@ -27,7 +27,7 @@
 #define DEFAULT_IDENTITY "drafter"
 #define MIN_KEY_BYTES 16
 #define MAX_KEY_BYTES 64
-#define RELAY_BUFFER (256u << 10)
+#define RELAY_BUFFER (1u << 20)
 #define RECORD_MAX 16384u
 #define PLAIN_BUFFER (4 << 20)
 
@@ -242,15 +242,63 @@ struct relay {
         gnutls_session_t session;
         int net, plain;
         atomic_int threads;
+        /* What came off the socket and GnuTLS has not taken yet: one recv() fills it with many
+         * records, where GnuTLS alone reads each record's header and body separately. */
+        uint8_t *in;
+        size_t in_start, in_end;
 };
 
-static void relay_release(struct relay *rl) {
-        if (atomic_fetch_sub(&rl->threads, 1) != 1)
-                return;
+static ssize_t pull(gnutls_transport_ptr_t ptr, void *data, size_t len) {
+        struct relay *rl = ptr;
+        if (rl->in_start == rl->in_end) {
+                ssize_t n;
+                do
+                        n = recv(rl->net, rl->in, RELAY_BUFFER, 0);
+                while (n < 0 && errno == EINTR);
+                if (n <= 0) {
+                        gnutls_transport_set_errno(rl->session, n < 0 ? errno : 0);
+                        return n;
+                }
+                rl->in_start = 0, rl->in_end = (size_t)n;
+        }
+        size_t k = MIN(len, rl->in_end - rl->in_start);
+        memcpy(data, rl->in + rl->in_start, k);
+        rl->in_start += k;
+        return (ssize_t)k;
+}
+
+static int pull_timeout(gnutls_transport_ptr_t ptr, unsigned ms) {
+        struct relay *rl = ptr;
+        if (rl->in_start < rl->in_end)
+                return 1;
+        struct pollfd p = {.fd = rl->net, .events = POLLIN};
+        int n = poll(&p, 1, ms == GNUTLS_INDEFINITE_TIMEOUT ? -1 : (int)ms);
+        return n < 0 ? -1 : n;
+}
+
+static ssize_t push(gnutls_transport_ptr_t ptr, const giovec_t *iov, int count) {
+        struct relay *rl = ptr;
+        struct msghdr m = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)count};
+        ssize_t n;
+        do
+                n = sendmsg(rl->net, &m, MSG_NOSIGNAL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0)
+                gnutls_transport_set_errno(rl->session, errno);
+        return n;
+}
+
+static void relay_free(struct relay *rl) {
         gnutls_deinit(rl->session);
         close(rl->net);
         close(rl->plain);
+        free(rl->in);
         free(rl);
+}
+
+static void relay_release(struct relay *rl) {
+        if (atomic_fetch_sub(&rl->threads, 1) == 1)
+                relay_free(rl);
 }
 
 static int send_all(gnutls_session_t s, const uint8_t *p, size_t n) {
@@ -311,7 +359,7 @@ static int write_plain(int fd, const uint8_t *p, size_t n) {
 }
 
 static bool more_ready(struct relay *rl) {
-        if (gnutls_record_check_pending(rl->session) > 0)
+        if (rl->in_start < rl->in_end || gnutls_record_check_pending(rl->session) > 0)
                 return true;
         struct pollfd p = {.fd = rl->net, .events = POLLIN};
         return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
@@ -390,36 +438,44 @@ int tls_wrap(struct tls_context *c, int fd, bool server, int timeout_ms, int *re
                 *ret_fd = fd;
                 return 0;
         }
-        gnutls_session_t s;
-        int gr = gnutls_init(&s, (server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NO_TICKETS);
+        int pair[2] = {-1, -1};
+        struct relay *rl = calloc(1, sizeof(*rl));
+        if (!rl || !(rl->in = malloc(RELAY_BUFFER))) {
+                free(rl);
+                close(fd);
+                return -ENOMEM;
+        }
+        rl->net = fd, rl->plain = -1, rl->threads = 2;
+        int gr = gnutls_init(&rl->session, (server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NO_TICKETS);
         if (gr < 0) {
+                free(rl->in);
+                free(rl);
                 close(fd);
                 return tls_error(gr, "TLS session");
         }
+        gnutls_session_t s = rl->session;
         gnutls_session_set_ptr(s, c);
         if ((gr = gnutls_priority_set(s, c->priority)) >= 0)
                 gr = c->psk ? gnutls_credentials_set(s, GNUTLS_CRD_PSK, server ? (void *)c->psk_server
                                                                                : (void *)c->psk_client)
                             : gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, c->x509);
-        if (gr < 0) {
-                gnutls_deinit(s);
-                close(fd);
-                return tls_error(gr, "TLS session");
-        }
+        int r = gr < 0 ? tls_error(gr, "TLS session") : 0;
         if (!c->psk && server) {
                 gnutls_certificate_server_set_request(s, GNUTLS_CERT_REQUIRE);
                 /* No CA names in the request: a client sends its certificate whoever signed it, so
                  * a refusal says why ("issuer is unknown") instead of "certificate required". */
                 gnutls_certificate_send_x509_rdn_sequence(s, 1);
         }
-        gnutls_transport_set_int(s, fd);
-        int r = handshake(c, s, timeout_ms);
-        int pair[2] = {-1, -1};
+        gnutls_transport_set_ptr(s, rl);
+        gnutls_transport_set_pull_function(s, pull);
+        gnutls_transport_set_pull_timeout_function(s, pull_timeout);
+        gnutls_transport_set_vec_push_function(s, push);
+        if (r >= 0)
+                r = handshake(c, s, timeout_ms);
         if (r >= 0 && socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
                 r = error_set_errno(-errno, "TLS link: socketpair");
         if (r < 0) {
-                gnutls_deinit(s);
-                close(fd);
+                relay_free(rl);
                 return r;
         }
         int size = PLAIN_BUFFER;
@@ -430,32 +486,25 @@ int tls_wrap(struct tls_context *c, int fd, bool server, int timeout_ms, int *re
         gnutls_group_t group = gnutls_group_get(s);
         log_info("Secured the link with %s: TLS 1.3, %s, %s key exchange", c->describe,
                  gnutls_cipher_get_name(gnutls_cipher_get(s)), group ? gnutls_group_get_name(group) : "no");
-        struct relay *rl = calloc(1, sizeof(*rl));
+        rl->plain = pair[1];
         pthread_t t;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        bool started = false;
-        if (rl) {
-                *rl = (struct relay){.session = s, .net = fd, .plain = pair[1], .threads = 2};
-                started = pthread_create(&t, &attr, relay_out, rl) == 0;
-                if (started && pthread_create(&t, &attr, relay_in, rl) != 0) {
-                        /* relay_out alone: end it through the caller's side, it frees the rest. */
-                        rl->threads = 1;
-                        close(pair[0]);
-                        pthread_attr_destroy(&attr);
-                        return error_set(-EAGAIN, "TLS link: cannot start a relay thread");
-                }
-        }
-        pthread_attr_destroy(&attr);
-        if (!started) {
-                free(rl);
-                gnutls_deinit(s);
-                close(fd);
+        if (pthread_create(&t, &attr, relay_out, rl) != 0) {
+                pthread_attr_destroy(&attr);
+                relay_free(rl);
                 close(pair[0]);
-                close(pair[1]);
                 return error_set(-EAGAIN, "TLS link: cannot start a relay thread");
         }
+        if (pthread_create(&t, &attr, relay_in, rl) != 0) {
+                /* relay_out alone: its end comes through the caller's side, and it frees the rest. */
+                atomic_store(&rl->threads, 1);
+                close(pair[0]);
+                pthread_attr_destroy(&attr);
+                return error_set(-EAGAIN, "TLS link: cannot start a relay thread");
+        }
+        pthread_attr_destroy(&attr);
         *ret_fd = pair[0];
         return 0;
 }

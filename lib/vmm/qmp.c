@@ -250,32 +250,30 @@ static int qmp_connect_socket(const char *path, uint64_t deadline_ns, int (*chec
         }
 }
 
-int qmp_connect(const char *socket_path, uint64_t deadline_ns, int (*check)(void *userdata), void *userdata,
-                struct qmp **ret_qmp) {
+int qmp_open_fd(int fd, const char *name, uint64_t deadline_ns, struct qmp **ret_qmp) {
         _cleanup_(qmp_freep) struct qmp *q = calloc(1, sizeof(*q));
-        if (!q)
+        if (!q) {
+                close(fd);
                 return -ENOMEM;
-        q->fd = -EBADF;
+        }
+        q->fd = fd;
         q->timeout_ns = QMP_DEFAULT_TIMEOUT_NS;
-        q->path = strdup(socket_path);
+        q->path = strdup(name);
         q->events = json_array();
         if (!q->path || !q->events)
                 return -ENOMEM;
-
-        int r = qmp_connect_socket(socket_path, deadline_ns, check, userdata, &q->fd);
-        if (r < 0)
-                return r;
 
         /* The greeting: {"QMP": {"version": …, "capabilities": […]}}. */
         uint64_t now = clock_now_ns();
         uint64_t greeting_deadline = MAX(deadline_ns, now + NSEC_PER_SEC);
         json_auto_t *greeting = NULL;
-        if ((r = qmp_read_message(q, greeting_deadline, "greeting", &greeting)) < 0)
+        int r = qmp_read_message(q, greeting_deadline, "greeting", &greeting);
+        if (r < 0)
                 return r;
         json_t *version =
                 json_object_get(json_object_get(json_object_get(greeting, "QMP"), "version"), "qemu");
         if (!json_object_get(greeting, "QMP"))
-                return error_set(-EPROTO, "qemu: %s does not greet like QMP", socket_path);
+                return error_set(-EPROTO, "qemu: %s does not greet like QMP", name);
         log_debug("qmp: connected to QEMU %" JSON_INTEGER_FORMAT ".%" JSON_INTEGER_FORMAT
                   ".%" JSON_INTEGER_FORMAT,
                   json_integer_value(json_object_get(version, "major")),
@@ -286,4 +284,13 @@ int qmp_connect(const char *socket_path, uint64_t deadline_ns, int (*check)(void
                 return r;
         *ret_qmp = TAKE_PTR(q);
         return 0;
+}
+
+int qmp_connect(const char *socket_path, uint64_t deadline_ns, int (*check)(void *userdata), void *userdata,
+                struct qmp **ret_qmp) {
+        int fd = -EBADF;
+        int r = qmp_connect_socket(socket_path, deadline_ns, check, userdata, &fd);
+        if (r < 0)
+                return r;
+        return qmp_open_fd(fd, socket_path, deadline_ns, ret_qmp);
 }

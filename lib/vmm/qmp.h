@@ -23,6 +23,8 @@ struct qmp;
  * when the QEMU process has exited. */
 int qmp_connect(const char *socket_path, uint64_t deadline_ns, int (*check)(void *userdata), void *userdata,
                 struct qmp **ret_qmp);
+/* The same on a connected stream (taken over, closed on failure); `name` names it in errors. */
+int qmp_open_fd(int fd, const char *name, uint64_t deadline_ns, struct qmp **ret_qmp);
 void qmp_free(struct qmp *q);
 
 /* How long qmp_execute() waits for an answer (QMP_DEFAULT_TIMEOUT_NS at first). */
