@@ -126,7 +126,8 @@ static double dirty_collect_us(uint64_t size, uint32_t bs) {
         }
         qsort(times, RUNS, sizeof(times[0]), compare_u64);
         block_device_close(dev);
-        return (double)times[RUNS / 2] / 1e3;
+        const size_t median = RUNS / 2;
+        return (double)times[median] / 1e3;
 }
 
 int main(int argc, char **argv) {

@@ -88,7 +88,7 @@ int main(int argc, char **argv) {
                 return 2;
         }
         int fd;
-        if ((r = guestlink_guest_open(GUESTLINK_AGENT_PORT_NAME, (uint32_t)port, (uint64_t)timeout_ns, &fd)) < 0) {
+        if (guestlink_guest_open(GUESTLINK_AGENT_PORT_NAME, (uint32_t)port, (uint64_t)timeout_ns, &fd) < 0) {
                 log_error("%s", error_message());
                 return 1;
         }

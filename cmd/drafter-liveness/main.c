@@ -30,7 +30,7 @@ int main(int argc, char **argv) {
         }
         uint64_t deadline = clock_now_ns() + (uint64_t)timeout_ns;
         int fd;
-        if ((r = guestlink_guest_open(GUESTLINK_LIVENESS_PORT_NAME, (uint32_t)port, (uint64_t)timeout_ns, &fd)) < 0) {
+        if (guestlink_guest_open(GUESTLINK_LIVENESS_PORT_NAME, (uint32_t)port, (uint64_t)timeout_ns, &fd) < 0) {
                 log_error("%s", error_message());
                 return 1;
         }

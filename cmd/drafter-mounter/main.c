@@ -225,7 +225,7 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
         int lfd, port, r;
         if ((r = transport_listen(laddr, &lfd, &port)) < 0)
                 return r;
-        log_info("Serving on %s%s", laddr, port ? "" : "");
+        log_info("Serving on %s", laddr);
         _cleanup_free_ struct migrate_source_device *devs = calloc(m->count ? m->count : 1, sizeof(*devs));
         if (!devs) {
                 close(lfd);

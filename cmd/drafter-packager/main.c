@@ -69,7 +69,7 @@ int main(int argc, char **argv) {
                                     .max_entry_bytes = max_entry,
                                     .progress = true,
                                     .stop_fd = sigfd};
-        struct package_stats st;
+        struct package_stats st = {0};
         uint64_t t0 = clock_now_ns();
         if (!extract) {
                 if ((r = device_list_check_inputs(&list, DEVICE_SCHEMA_PACKAGER)) == 0)

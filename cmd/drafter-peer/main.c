@@ -118,9 +118,7 @@ int main(int argc, char **argv) {
                         if (got < 0) {
                                 log_error("%s", error_message());
                                 log_info("Serving the blocks that arrived until stopped; the VM cannot read the others");
-                                received = true; /* nothing more will come */
-                                status = 1;
-                                stopping = false;
+                                status = 1; /* nothing more will come: serve what is here until stopped */
                                 struct signalfd_siginfo si;
                                 if (read(sigfd, &si, sizeof(si)) < 0)
                                         log_debug("signalfd: %s", strerror(errno));

@@ -2,9 +2,12 @@
 #include "drafter/address.h"
 #include "drafter/error.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 
 int address_split(const char *address, char *host, size_t host_size, char *port, size_t port_size) {
         const char *colon, *host_start = address, *host_end;
@@ -37,5 +40,19 @@ int address_split(const char *address, char *host, size_t host_size, char *port,
         memcpy(host, host_start, hlen);
         host[hlen] = '\0';
         strcpy(port, p);
+        return 0;
+}
+
+unsigned address_port(const struct sockaddr_storage *ss) {
+        if (ss->ss_family == AF_INET) {
+                struct sockaddr_in in;
+                memcpy(&in, ss, sizeof(in));
+                return ntohs(in.sin_port);
+        }
+        if (ss->ss_family == AF_INET6) {
+                struct sockaddr_in6 in6;
+                memcpy(&in6, ss, sizeof(in6));
+                return ntohs(in6.sin6_port);
+        }
         return 0;
 }

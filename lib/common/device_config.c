@@ -167,7 +167,7 @@ static int set_field(struct device_config *d, const char *label, const struct fi
 }
 
 static bool name_is_valid(const char *name) {
-        if (!*name || name[0] == '.' || strlen(name) > DEVICE_NAME_MAX)
+        if (!name || !*name || name[0] == '.' || strlen(name) > DEVICE_NAME_MAX)
                 return false;
         for (const char *p = name; *p; p++)
                 if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||

@@ -1,6 +1,10 @@
 /* error.c — per-thread error messages (see error.h). */
 #include "drafter/error.h"
 
+#undef error_set /* the analyzer's stand-ins (error.h) */
+#undef error_set_errno
+#undef error_prefix
+
 #include <stdio.h>
 #include <string.h>
 

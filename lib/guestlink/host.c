@@ -145,7 +145,7 @@ int guestlink_agent_call(struct guestlink_agent *a, const char *function, uint64
                         return error_set_errno(r, "agent: %s: cannot send the call", function);
                 uint64_t deadline = clock_now_ns() + try_timeout_ns;
                 for (;;) {
-                        char *line;
+                        char *line = NULL;
                         r = read_line(a->fd, a->buf, GUESTLINK_MAX_LINE, &a->have, deadline, &line);
                         if (r == -ETIMEDOUT)
                                 break;

@@ -487,9 +487,10 @@ void migrate_reader_free(struct migrate_reader *r) {
 /* Read len bytes into p (NULL: drop them); with the payload's last bytes, also whatever part of
  * the next frame's header the stream already has. */
 static int reader_take(struct migrate_reader *r, uint8_t *p, size_t len, bool last, const char *type) {
-        uint8_t drop[4096];
+        uint8_t drop[4096]; /* only written (by readv) */
         while (len > 0) {
                 size_t want = p ? len : MIN(len, sizeof(drop));
+                // cppcheck-suppress legacyUninitvar
                 struct iovec iov[2] = {{p ? p : drop, want}, {r->head, MIGRATE_HEADER_SIZE}};
                 ssize_t n = readv(r->fd, iov, last && want == len ? 2 : 1);
                 if (n < 0 && errno == EINTR)
@@ -548,7 +549,7 @@ bool migrate_reader_has_rest(struct migrate_reader *r) {
 }
 
 int migrate_reader_next(struct migrate_reader *r, struct migrate_frame *ret) {
-        struct migrate_frame f;
+        struct migrate_frame f = {0};
         int e = migrate_reader_header(r, &f);
         if (e < 0)
                 return e;

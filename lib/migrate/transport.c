@@ -76,11 +76,10 @@ int transport_listen(const char *address, int *ret_fd, int *ret_port) {
                         r = error_set_errno(-errno, "cannot listen on %s", address);
                         continue;
                 }
-                struct sockaddr_storage ss;
+                struct sockaddr_storage ss = {0};
                 socklen_t len = sizeof(ss);
                 if (ret_port && getsockname(fd, (struct sockaddr *)&ss, &len) == 0)
-                        *ret_port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-                                                                  : ((struct sockaddr_in6 *)&ss)->sin6_port);
+                        *ret_port = (int)address_port(&ss);
                 *ret_fd = TAKE_FD(fd);
                 r = 0;
                 break;

@@ -392,6 +392,8 @@ static int setup_host(struct nat *nat) {
                 n += snprintf(cmd + n, sizeof(cmd) - (size_t)n,
                               "add rule inet %s forward oifname \"%s-h*\" ct state new drop\n", nat->table,
                               c->namespace_prefix);
+        if ((size_t)n >= sizeof(cmd))
+                return error_set(-ENAMETOOLONG, "nat: the nftables rules for table %s do not fit", nat->table);
         if ((r = net_nft(cmd, false)) < 0)
                 return r;
         nat->table_made = true;
@@ -413,7 +415,7 @@ int nat_start(const struct nat_config *cfg, struct nat **ret) {
         nat->cfg = *cfg;
         nat->count = cfg->count;
         snprintf(nat->table, sizeof(nat->table), "drafter-%s", cfg->namespace_prefix);
-        struct cidr host, visible;
+        struct cidr host = {0}, visible = {0};
         parse_cidr(cfg->host_veth_cidr, "", &host);
         parse_cidr(cfg->namespace_veth_cidr, "", &visible);
         for (int i = 0; i < nat->count; i++) {

@@ -542,7 +542,7 @@ static la_ssize_t zreader_read(struct archive *a, void *ctx, const void **ret) {
  * padding there is not ours. */
 static int zreader_drain(struct zreader *z) {
         for (;;) {
-                const void *p;
+                const void *p = NULL;
                 ssize_t n = zreader_next(z, &p);
                 if (n <= 0)
                         return (int)n;

@@ -137,8 +137,8 @@ int vm_config_parse(const char *text, size_t len, const char *what, struct vm_co
         }
         json_t *net = json_object_get(root, "network");
         if (r >= 0 && net &&
-            (!json_is_object(net) || (r = get_string(net, what, "tap", c.tap, sizeof(c.tap))) < 0 ||
-             (r = get_string(net, what, "mac", c.mac, sizeof(c.mac))) < 0 || !c.tap[0]))
+            (!json_is_object(net) || get_string(net, what, "tap", c.tap, sizeof(c.tap)) < 0 ||
+             get_string(net, what, "mac", c.mac, sizeof(c.mac)) < 0 || !c.tap[0]))
                 r = error_set(-EINVAL, "%s: field \"network\" must be {\"tap\": NAME, \"mac\": MAC}", what);
         json_t *ports = json_object_get(root, "serialPorts");
         if (r >= 0 && ports && (!json_is_array(ports) || json_array_size(ports) > VM_CONFIG_MAX_SERIAL_PORTS))

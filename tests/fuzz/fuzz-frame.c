@@ -16,7 +16,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 }
 
 static uint64_t blocks_of(const struct migrate_device_info *d) {
-        return (d->size + d->block_size - 1) / d->block_size;
+        return d->block_size ? (d->size + d->block_size - 1) / d->block_size : 0;
 }
 
 static void check_inside(const uint8_t *p, size_t len, const uint8_t *base, size_t size) {

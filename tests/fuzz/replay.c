@@ -77,7 +77,8 @@ static int run_path(const char *path) {
                 count++;
         }
         closedir(d);
-        qsort(names, count, sizeof(*names), compare);
+        if (count)
+                qsort(names, count, sizeof(*names), compare);
         int r = 0;
         for (size_t i = 0; i < count; i++) {
                 if (run_path(names[i]) < 0)

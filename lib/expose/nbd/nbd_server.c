@@ -1,4 +1,5 @@
 /* nbd_server.c — userspace NBD server (see nbd_server.h; protocol constants in nbd_protocol.h). */
+#include "drafter/address.h"
 #include "drafter/nbd_server.h"
 #include "drafter/cleanup.h"
 #include "drafter/error.h"
@@ -887,11 +888,10 @@ int nbd_server_listen_tcp(struct nbd_server *srv, const char *host, const char *
                         r = error_set_errno(-errno, "nbd: cannot listen on %s:%s", host ? host : "", port);
                         continue;
                 }
-                struct sockaddr_storage ss;
+                struct sockaddr_storage ss = {0};
                 socklen_t len = sizeof(ss);
                 if (getsockname(fd, (struct sockaddr *)&ss, &len) == 0)
-                        bound_port = ntohs(ss.ss_family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-                                                                   : ((struct sockaddr_in6 *)&ss)->sin6_port);
+                        bound_port = (int)address_port(&ss);
                 srv->listen_fds[srv->listen_count++] = TAKE_FD(fd);
                 r = 0;
         }
