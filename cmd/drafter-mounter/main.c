@@ -55,6 +55,7 @@ struct mounter {
         const char *mount_dir;
         unsigned concurrency;
         bool disable_postcopy;
+        bool stop; /* SIGINT/SIGTERM came while receiving: stop once done */
         /* Files this destination created: a failed migration removes them (partial copies). */
         char *created[3 * MIGRATE_MAX_DEVICES];
         size_t created_count;
@@ -155,6 +156,21 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
         /* Served at once: reads of blocks still in flight wait for them. */
         if ((r = expose(m)) < 0)
                 return r;
+        /* Ctrl-C while receiving: before the hand-over the migration stops (the source keeps the
+         * devices); after it the devices are ours, so the rest is received first. */
+        while (!migrate_destination_finished(m->dest)) {
+                struct pollfd p = {.fd = m->stop ? -1 : sigfd, .events = POLLIN};
+                if (poll(&p, 1, 5) <= 0 || !(p.revents & POLLIN))
+                        continue;
+                struct signalfd_siginfo si;
+                if (read(sigfd, &si, sizeof(si)) < 0)
+                        log_debug("signalfd: %s", strerror(errno));
+                m->stop = true;
+                if (migrate_destination_abort(m->dest) == 0)
+                        log_info("Interrupted: stopping the migration (the source keeps the devices)");
+                else
+                        log_info("Interrupted after the hand-over: receiving the last blocks before stopping");
+        }
         struct migrate_stats st;
         if ((r = migrate_destination_wait(m->dest, &st)) < 0) {
                 if (!st.authority_transferred) {
@@ -347,7 +363,9 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 goto out;
         }
-        if (*laddr) {
+        if (m.stop) {
+                status = 0; /* interrupted while receiving, after the hand-over: the devices are complete */
+        } else if (*laddr) {
                 r = serve(&m, laddr, sigfd);
                 if (r < 0)
                         log_error("%s", error_message());

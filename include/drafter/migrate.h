@@ -115,6 +115,10 @@ struct block_device *migrate_destination_device(struct migrate_destination *d, s
 struct block_device *migrate_destination_take_device(struct migrate_destination *d, size_t i);
 /* Wait for the end: 0 after COMPLETED_ACK was sent, or the error that ended it. */
 int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats *ret_stats);
+/* Give up a migration that has not handed over yet (SIGINT): the source is told, keeps its
+ * devices, and migrate_destination_wait() returns -EINTR. -EBUSY once this side has taken
+ * authority: then the devices are ours and the rest must arrive. */
+int migrate_destination_abort(struct migrate_destination *d);
 /* True once the migration has ended (completed or failed): migrate_destination_wait() will not block. */
 bool migrate_destination_finished(struct migrate_destination *d);
 /* Device i's S3 bucket as the source sent it, or NULL; *ret_current (if not NULL) gets the

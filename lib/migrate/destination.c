@@ -54,6 +54,7 @@ struct destination {
         bool authority; /* we own the devices (AUTHORITY_ACK sent) */
         bool finished;  /* the receiving thread has ended */
         bool authority_pending;
+        bool aborted; /* migrate_destination_abort() came first (under write_lock, as authority) */
         int result;
         char message[1024];
         struct migrate_stats stats;
@@ -61,13 +62,19 @@ struct destination {
         uint8_t *block_buf;
 };
 
-static int send_frame(struct destination *d, uint8_t type, uint16_t device, const void *payload, uint32_t len) {
+/* With write_lock held. */
+static int send_frame_locked(struct destination *d, uint8_t type, uint16_t device, const void *payload, uint32_t len) {
         struct iovec iov = {(void *)payload, len};
-        pthread_mutex_lock(&d->write_lock);
         int r = migrate_write_frame(d->fd, type, 0, device, &iov, len ? 1 : 0);
-        pthread_mutex_unlock(&d->write_lock);
         if (r >= 0)
                 __atomic_fetch_add(&d->stats.bytes_sent, MIGRATE_HEADER_SIZE + len, __ATOMIC_RELAXED);
+        return r;
+}
+
+static int send_frame(struct destination *d, uint8_t type, uint16_t device, const void *payload, uint32_t len) {
+        pthread_mutex_lock(&d->write_lock);
+        int r = send_frame_locked(d, type, device, payload, len);
+        pthread_mutex_unlock(&d->write_lock);
         return r;
 }
 
@@ -95,10 +102,16 @@ static void need_block(void *ctx, uint64_t block) {
 }
 
 static int take_authority(struct destination *d) {
-        int r = send_event(d, MIGRATE_EVENT_AUTHORITY_ACK);
+        /* The acknowledgement and an abort exclude each other: whichever takes write_lock first. */
+        pthread_mutex_lock(&d->write_lock);
+        uint8_t p[2];
+        int r = d->aborted ? -EINTR : send_frame_locked(d, MIGRATE_EVENT, MIGRATE_CONNECTION, p,
+                                                        migrate_encode_event(p, MIGRATE_EVENT_AUTHORITY_ACK));
+        if (r >= 0)
+                d->authority = true;
+        pthread_mutex_unlock(&d->write_lock);
         if (r < 0)
                 return r;
-        d->authority = true;
         d->stats.authority_transferred = true;
         if (d->cfg.on_authority && (r = d->cfg.on_authority(d->cfg.ctx)) < 0)
                 return error_prefix(r, "migration: taking over after authority transfer");
@@ -365,7 +378,9 @@ static void *receive_thread(void *arg) {
                 if (d->s3[i])
                         s3_fetch_stop(d->s3[i]->fetch);
         free(buf);
-        if (r == -ECONNRESET)
+        if (__atomic_load_n(&d->aborted, __ATOMIC_ACQUIRE))
+                r = error_set(-EINTR, "migration: interrupted here before the hand-over (the source keeps the devices)");
+        else if (r == -ECONNRESET)
                 error_set(r, "source: connection lost before the migration completed (%s)",
                           d->authority ? "after the authority transfer: blocks not received yet are unavailable"
                                        : "the source keeps the devices");
@@ -641,5 +656,21 @@ int migrate_destination_wait(struct migrate_destination *dest, struct migrate_st
                 *ret_stats = d->stats;
         if (d->result < 0)
                 return error_set(d->result, "%s", d->message);
+        return 0;
+}
+
+int migrate_destination_abort(struct migrate_destination *dest) {
+        struct destination *d = (struct destination *)dest;
+        pthread_mutex_lock(&d->write_lock);
+        if (d->authority) {
+                pthread_mutex_unlock(&d->write_lock);
+                return -EBUSY;
+        }
+        __atomic_store_n(&d->aborted, true, __ATOMIC_RELEASE);
+        uint8_t p[6 + MIGRATE_MAX_MESSAGE];
+        const char *why = "destination: interrupted before the hand-over";
+        send_frame_locked(d, MIGRATE_ERROR, MIGRATE_CONNECTION, p, migrate_encode_error(p, -EINTR, why));
+        pthread_mutex_unlock(&d->write_lock);
+        shutdown(d->fd, SHUT_RDWR); /* the receiving thread ends, and with it the migration */
         return 0;
 }
