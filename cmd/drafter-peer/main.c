@@ -100,7 +100,7 @@ int main(int argc, char **argv) {
         char report[512];
         instance_resume_report(inst, report, sizeof(report));
         log_info("Resumed VM in %.1f ms (%s)", instance_resume_ms(inst), report);
-        bool received = !*raddr, stopping = false, migrated = false;
+        bool received = !*raddr, stopping = false, migrated = false, skip_agent = false;
         struct migrate_stats out_stats = {0};
         for (;;) {
                 struct pollfd p[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = lfd, .events = POLLIN}};
@@ -130,9 +130,18 @@ int main(int argc, char **argv) {
                         }
                 }
                 if (stopping && received) {
-                        log_info("Suspending the VM");
+                        log_info(skip_agent ? "Suspending the VM without BeforeSuspend" : "Suspending the VM");
                         status = 0;
-                        if (instance_suspend(inst) < 0) {
+                        r = instance_suspend(inst, skip_agent);
+                        if (r == -ECANCELED) {
+                                /* Nothing is lost by waiting: the VM runs on until asked again. */
+                                log_error("%s", error_message());
+                                log_info("The VM was not suspended; SIGINT again suspends it without BeforeSuspend");
+                                stopping = false;
+                                skip_agent = true;
+                                continue;
+                        }
+                        if (r < 0) {
                                 log_error("%s", error_message());
                                 status = 1;
                         }

@@ -5,10 +5,12 @@
 #include "drafter/error.h"
 #include "drafter/flags.h"
 #include "drafter/instance.h"
+#include "drafter/signals.h"
 #include "drafter/log.h"
 
 #include <signal.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <string.h>
 
 #define DEVICE(name, input, output) "{\"name\":\"" name "\",\"input\":\"" input "\",\"output\":\"" output "\"}"
@@ -67,8 +69,15 @@ int main(int argc, char **argv) {
                 log_error("%s", error_message());
                 return 1;
         }
-        signal(SIGPIPE, SIG_IGN);
+        /* Ctrl-C stops the snapshot cleanly: QEMU goes, no output appears (instance.h). */
+        int sigfd = signals_stop_fd();
+        if (sigfd < 0) {
+                log_error("cannot take SIGINT/SIGTERM on a descriptor: %s", strerror(-sigfd));
+                device_list_free(&devices);
+                return 1;
+        }
         struct instance_options o = {.qemu_bin = qemu_bin,
+                                     .stop_fd = sigfd,
                                      .runtime_base = chroot_base,
                                      .enable_output = enable_output,
                                      .enable_input = enable_input,
@@ -86,5 +95,6 @@ int main(int argc, char **argv) {
         if (r < 0)
                 log_error("%s", error_message());
         device_list_free(&devices);
+        close(sigfd);
         return r < 0 ? 1 : 0;
 }

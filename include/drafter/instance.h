@@ -37,6 +37,9 @@ struct instance_options {
         const char *netns, *tap, *mac;
         /* Migration links (peer): TLS credentials, NULL: plain TCP (tls.h). */
         struct tls_context *tls;
+        /* Snapshotter: once readable (signals_stop_fd()), the snapshot stops — QEMU is killed, no
+         * output appears — and instance_snapshot() fails with -EINTR. -1 (or 0 fields): none. */
+        int stop_fd;
 };
 
 /* Boot the blueprint of `devices` (snapshotter schema), wait for liveness, call BeforeSuspend,
@@ -78,7 +81,9 @@ char *instance_summary_json(const struct instance *inst, const struct migrate_st
 /* True while the VM runs. */
 bool instance_running(struct instance *inst);
 /* BeforeSuspend, pause, and write the VM back into its devices (state, memory, config): the
- * package (or the overlay) is a snapshot again, ready for the next resume. */
-int instance_suspend(struct instance *inst);
+ * package (or the overlay) is a snapshot again, ready for the next resume. If the agent does
+ * not answer BeforeSuspend (or its command fails) nothing else is done, the VM runs on, and the
+ * error is -ECANCELED; `skip_agent` suspends without asking it. */
+int instance_suspend(struct instance *inst, bool skip_agent);
 /* Stop the VM, unmount, flush and close the devices. NULL is fine. */
 void instance_free(struct instance *inst);

@@ -28,7 +28,10 @@
 #include <ftw.h>
 #include <jansson.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +152,59 @@ struct output {
         bool made;
 };
 
+/* A thread that, once the stop descriptor is readable (SIGINT/SIGTERM), kills the snapshot's
+ * QEMU, so whatever the snapshotter waits for (liveness, the agent, the state) fails at once. */
+struct stop_watch {
+        int fd;
+        pid_t pid;
+        int pipe[2];
+        pthread_t thread;
+        bool running;
+        atomic_bool interrupted;
+};
+
+static void *stop_watch_run(void *arg) {
+        struct stop_watch *w = arg;
+        struct pollfd p[2] = {{.fd = w->fd, .events = POLLIN}, {.fd = w->pipe[0], .events = POLLIN}};
+        while (poll(p, 2, -1) < 0 && errno == EINTR)
+                ;
+        if (p[0].revents & POLLIN) {
+                atomic_store(&w->interrupted, true);
+                log_info("Interrupted: stopping the snapshot (no package will be written)");
+                if (w->pid > 0)
+                        kill(w->pid, SIGKILL);
+        }
+        return NULL;
+}
+
+static int stop_watch_start(struct stop_watch *w) {
+        if (w->fd < 0)
+                return 0;
+        if (pipe2(w->pipe, O_CLOEXEC) < 0)
+                return error_set_errno(-errno, "pipe");
+        if (pthread_create(&w->thread, NULL, stop_watch_run, w) != 0) {
+                close(w->pipe[0]);
+                close(w->pipe[1]);
+                return error_set(-EAGAIN, "cannot start a thread");
+        }
+        w->running = true;
+        return 0;
+}
+
+/* Stop watching; true if the stop came. */
+static bool stop_watch_end(struct stop_watch *w) {
+        if (w->running) {
+                char c = 0;
+                if (write(w->pipe[1], &c, 1) < 0)
+                        log_debug("stop watch: %m");
+                pthread_join(w->thread, NULL);
+                close(w->pipe[0]);
+                close(w->pipe[1]);
+                w->running = false;
+        }
+        return atomic_load(&w->interrupted);
+}
+
 int instance_snapshot(const struct device_list *devices, const struct instance_options *o) {
         int r = check_required(devices, "the snapshotter");
         if (r < 0)
@@ -232,6 +288,9 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                 log_info("Booting the blueprint");
                 r = vmm_start(&mc, false, &vm);
         }
+        struct stop_watch watch = {.fd = o->stop_fd > 0 ? o->stop_fd : -1, .pid = vm ? vmm_pid(vm) : 0};
+        if (r >= 0)
+                r = stop_watch_start(&watch);
         if (r >= 0 && (r = guestlink_wait_liveness(vmm_port_path(vm, GUESTLINK_LIVENESS_PORT_NAME),
                                                    o->liveness_timeout_ns)) >= 0)
                 log_info("The guest is up after %.0f ms", (clock_now_ns() - t0) / 1e6);
@@ -271,6 +330,10 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                 if (fd >= 0)
                         close(fd);
         }
+        if (stop_watch_end(&watch) && r >= 0)
+                r = -EINTR;
+        if (r == -EINTR || (r < 0 && watch.interrupted))
+                r = error_set(-EINTR, "interrupted: the package was not written");
         /* Only now do the outputs appear, all of them. */
         for (size_t i = 0; i < devices->count && r >= 0; i++) {
                 if (rename(out[i].tmp, out[i].cfg->output) < 0)
@@ -765,12 +828,12 @@ static int before_collect(void *ctx) {
         return fuse_export_sync(inst->fx);
 }
 
-static int suspend_into_devices(struct instance *inst, bool durable);
+static int suspend_into_devices(struct instance *inst, bool durable, bool skip_agent);
 
 static int suspend_hook(void *ctx) {
         log_info("Suspending the VM for the hand-over");
         mark(ctx, "beforeSuspend");
-        return suspend_into_devices(ctx, false);
+        return suspend_into_devices(ctx, false, false);
 }
 
 int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, struct migrate_stats *ret_stats) {
@@ -899,11 +962,14 @@ bool instance_running(struct instance *inst) {
 /* BeforeSuspend, pause, the state into the state device and config.json. `durable`: flush every
  * device too (a suspend that ends the run); a live migration reads the devices at once and keeps
  * the VM to resume if it fails, so it leaves that off its downtime. */
-static int suspend_into_devices(struct instance *inst, bool durable) {
+static int suspend_into_devices(struct instance *inst, bool durable, bool skip_agent) {
         const struct instance_options *o = &inst->options;
-        int r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "BeforeSuspend", o);
-        if (r < 0)
-                return r;
+        int r = skip_agent ? 0 : call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "BeforeSuspend", o);
+        if (r < 0) {
+                char why[1024];
+                snprintf(why, sizeof(why), "%s", error_message());
+                return error_set(-ECANCELED, "%s (the VM runs on)", why);
+        }
         char raw[4200];
         snprintf(raw, sizeof(raw), "%s/state.new", inst->runtime);
         if ((r = vmm_pause(inst->vm)) < 0)
@@ -946,8 +1012,8 @@ static int suspend_into_devices(struct instance *inst, bool durable) {
         return 0;
 }
 
-int instance_suspend(struct instance *inst) {
-        return suspend_into_devices(inst, true);
+int instance_suspend(struct instance *inst, bool skip_agent) {
+        return suspend_into_devices(inst, true, skip_agent);
 }
 
 void instance_free(struct instance *inst) {
