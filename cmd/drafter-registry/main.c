@@ -258,9 +258,11 @@ int main(int argc, char **argv) {
                         if ((p[0].revents & POLLIN) && accept_peer(&reg, lfd) < 0)
                                 log_warning("%s", error_message());
                 }
-                log_info("Stopping: %u peers served, %u failed", reg.served, reg.failed);
         }
+        /* Peers still being served lose their link now (they report the source went away). */
         reap(&reg, true);
+        if (r >= 0)
+                log_info("Stopping: %u peers served, %u failed", reg.served, reg.failed);
         if (lfd >= 0)
                 close(lfd);
         for (size_t i = 0; i < reg.count; i++) {

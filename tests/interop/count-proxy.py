@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""count-proxy.py LISTEN_PORT TARGET_PORT LOG — forward TCP connections on 127.0.0.1 from
-LISTEN_PORT to TARGET_PORT unchanged and, when each ends, append a line to LOG:
+"""count-proxy.py LISTEN_PORT TARGET_PORT LOG [cut:BYTES] — forward TCP connections on 127.0.0.1
+from LISTEN_PORT to TARGET_PORT unchanged and, when each ends, append a line to LOG:
 "<n> client_to_server=<bytes> server_to_client=<bytes>". The tests use it to show how much a
-refused peer received before it was refused."""
+refused peer received before it was refused. With cut:BYTES, each connection is closed both ways
+once the server has sent more than BYTES (a link that breaks mid-transfer)."""
 import socket, sys, threading
 
 listen_port, target_port, log_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cut = int(sys.argv[4][4:]) if len(sys.argv) > 4 and sys.argv[4].startswith("cut:") else None
 lock = threading.Lock()
 
 
@@ -17,6 +19,10 @@ def pump(src, dst, counts, key):
                 break
             counts[key] += len(data)
             dst.sendall(data)
+            if cut is not None and key == "s2c" and counts[key] > cut:
+                for s in (src, dst):
+                    s.shutdown(socket.SHUT_RDWR)
+                break
     except OSError:
         pass
     for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):

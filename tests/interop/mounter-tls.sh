@@ -65,6 +65,13 @@ start_source() { # label tls-flags…
         for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PROXY_PORT)).close()" 2>/dev/null && break; sleep 0.05; done
 }
 stop_proxy() { kill $PROXY 2>/dev/null; wait $PROXY 2>/dev/null || true; }
+restart_proxy() { # [cut:BYTES]
+        stop_proxy
+        python3 "$HERE/count-proxy.py" "$PROXY_PORT" "$SOURCE_PORT" "$COUNTS" "$@" &
+        PROXY=$!
+        on_exit "kill $PROXY 2>/dev/null"
+        for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PROXY_PORT)).close()" 2>/dev/null && break; sleep 0.05; done
+}
 last_count() { # the newest connection's server-to-client bytes
         sleep 0.3
         tail -n 1 "$COUNTS" | sed -n 's/.*server_to_client=\([0-9]*\).*/\1/p'
@@ -146,6 +153,19 @@ grep -q "neither authenticated" "$WORK/a-psk.log" && fail "a warning with TLS"
 refused psk-wrong-key "TLS handshake" --psk-file "$WORK/wrong.psk"
 refused psk-no-tls "bad magic\|closed\|reset\|ended" # a plain client: the source only speaks TLS
 grep -q "refused a peer" "$WORK/a-psk.log" || fail "the source did not log the refusals"
+# The secured link breaks mid-transfer (after 4 MB): the client fails, the source keeps its devices.
+restart_proxy cut:4000000
+rm -rf "$WORK/b"
+rc=0
+timeout 60 "$DRAFTER_MOUNTER" --devices "$(devices b)" --raddr "127.0.0.1:$PROXY_PORT" --laddr '' \
+        --mount-dir "$WORK/b/mnt" --psk-file "$WORK/good.psk" >"$WORK/b-cut.log" 2>&1 || rc=$?
+((rc == 1)) || { cat "$WORK/b-cut.log"; fail "psk-cut: the cut-off client exited $rc"; }
+grep -q "error: .*connection" "$WORK/b-cut.log" || { cat "$WORK/b-cut.log"; fail "psk-cut: no clear error"; }
+for _ in $(seq 1 100); do grep -q "Kept the devices" "$WORK/a-psk.log" && break; sleep 0.1; done
+grep -q "Kept the devices; serving" "$WORK/a-psk.log" || { cat "$WORK/a-psk.log"; fail "psk-cut: the source did not keep its devices"; }
+mountpoint -q "$WORK/b/mnt" && fail "psk-cut: the client left its mount"
+echo "psk-cut: link cut after $(last_count) bytes: $(grep -o 'error: .*' "$WORK/b-cut.log" | head -1 | cut -c1-120); the source kept its devices"
+restart_proxy
 migrated psk-good psk --psk-file "$WORK/good-identity.psk" # the same key, identity spelt out
 
 # Certificates.

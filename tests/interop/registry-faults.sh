@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# drafter-registry under faults, with drafter-mounter as the peer (the same lazy migration a
+# drafter-peer gets, without a VM): a proxy lets the first 20 blocks through, then stalls.
+#  1. SIGINT to the registry while a peer is mid-fetch: the registry stops at once and exits 0
+#     ("Stopping: … failed"); the peer, which took authority at the start, says the source went
+#     away, serves the blocks that arrived (byte-exact) and fails reads of the others with EIO;
+#  2. the same with the registry SIGKILLed;
+#  3. a peer SIGKILLed mid-fetch: the registry logs the failed peer, keeps serving, and the next
+#     peer receives the whole package byte-exact.
+. "$(dirname "$0")/lib.sh"
+need python3 cmp dd
+[[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
+: "${DRAFTER_MOUNTER:?}" "${DRAFTER_REGISTRY:?}"
+HERE=$(dirname "$0")
+random_file "$WORK/disk.img" $((16 << 20)) 53
+BS=65536
+
+registry() { # log
+        rm -f "$WORK/r.sock"
+        "$DRAFTER_REGISTRY" --laddr "unix:$WORK/r.sock" \
+                --devices "[{\"name\":\"disk\",\"base\":\"$WORK/disk.img\",\"blockSize\":$BS}]" >"$WORK/$1.log" 2>&1 &
+        R=$!
+        on_exit "kill -9 $R 2>/dev/null"
+        for _ in $(seq 1 200); do grep -q "Listening on" "$WORK/$1.log" && break; sleep 0.05; done
+        grep -q "Listening on" "$WORK/$1.log" || { cat "$WORK/$1.log"; fail "the registry did not start"; }
+}
+peer() { # name raddr -> P
+        "$DRAFTER_MOUNTER" --devices "[{\"name\":\"disk\",\"base\":\"$WORK/$1/disk.img\",\"overlay\":\"$WORK/$1/overlay\",\"state\":\"$WORK/$1/state\",\"blockSize\":$BS}]" \
+                --raddr "$2" --laddr '' --mount-dir "$WORK/$1/mnt" >"$WORK/$1.log" 2>&1 &
+        P=$!
+        on_exit "kill -9 $P 2>/dev/null; umount -l '$WORK/$1/mnt' 2>/dev/null"
+}
+stalled_peer() { # name -> P, PROXY: a peer whose link stalls after 20 blocks
+        rm -f "$WORK/p.sock" "$WORK/held"
+        python3 "$HERE/link-proxy.py" "$WORK/p.sock" "$WORK/r.sock" bulk:20 "$WORK/held" &
+        PROXY=$!
+        on_exit "kill -9 $PROXY 2>/dev/null"
+        for _ in $(seq 1 100); do [[ -S "$WORK/p.sock" ]] && break; sleep 0.05; done
+        peer "$1" "unix:$WORK/p.sock"
+        for _ in $(seq 1 200); do [[ -e "$WORK/held" ]] && break; sleep 0.05; done
+        [[ -e "$WORK/held" ]] || { cat "$WORK/$1.log"; fail "$1: the link never reached 20 blocks"; }
+}
+source_gone() { # name how
+        local name=$1 how=$2
+        for _ in $(seq 1 200); do grep -q "Serving the blocks that arrived until stopped" "$WORK/$name.log" && break; sleep 0.05; done
+        grep -q "after the authority transfer" "$WORK/$name.log" || { cat "$WORK/$name.log"; fail "$how: $name gave no clear error"; }
+        dd if="$WORK/$name/mnt/disk" bs=$BS count=4 status=none >"$WORK/first" || fail "$how: $name cannot read blocks that arrived"
+        cmp "$WORK/first" <(head -c $((4 * BS)) "$WORK/disk.img") || fail "$how: $name serves wrong data"
+        if dd if="$WORK/$name/mnt/disk" bs=$BS skip=250 count=1 status=none of=/dev/null 2>"$WORK/eio"; then
+                fail "$how: a block that never arrived was readable"
+        fi
+        grep -q "Input/output error" "$WORK/eio" || { cat "$WORK/eio"; fail "$how: a missing block did not fail with EIO"; }
+        kill -INT "$P"
+        local rc=0
+        wait "$P" || rc=$?
+        ((rc != 0)) || fail "$how: $name exited 0 after its source went away"
+        wait "$PROXY" 2>/dev/null || true
+        echo "$how: $name serves the 20 blocks that arrived, EIO for the rest ($(grep -o 'error: .*' "$WORK/$name.log" | head -1 | cut -c1-110))"
+}
+
+# 1. SIGINT to the registry mid-fetch.
+registry r1
+stalled_peer b
+kill -INT $R
+timeout 20 tail --pid=$R -f /dev/null || fail "the registry did not stop on SIGINT while serving"
+wait $R || { cat "$WORK/r1.log"; fail "the interrupted registry exited with an error"; }
+grep -q "Stopping: 0 peers served, 1 failed" "$WORK/r1.log" || { cat "$WORK/r1.log"; fail "the registry did not report the interrupted peer"; }
+source_gone b "1. SIGINT to the registry"
+
+# 2. The registry SIGKILLed mid-fetch.
+registry r2
+stalled_peer c
+kill -9 $R
+source_gone c "2. registry killed"
+
+# 3. A peer killed mid-fetch; the registry goes on.
+registry r3
+stalled_peer d
+kill -9 $P
+for _ in $(seq 1 100); do grep -q "peer 1: " "$WORK/r3.log" && break; sleep 0.1; done
+grep -q "peer 1: " "$WORK/r3.log" || { cat "$WORK/r3.log"; fail "the registry did not notice its peer died"; }
+kill -0 $R || fail "the registry died with its peer"
+umount -l "$WORK/d/mnt" 2>/dev/null || true
+peer e "unix:$WORK/r.sock"
+for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/e.log" && break; sleep 0.05; done
+cmp "$WORK/e/mnt/disk" "$WORK/disk.img" || fail "3. the next peer's data differs"
+kill -INT $P
+wait $P || fail "3. the next peer exited with an error"
+kill -INT $R
+wait $R || fail "3. the registry exited with an error"
+grep -q "Stopping: 1 peers served, 1 failed" "$WORK/r3.log" || { cat "$WORK/r3.log"; fail "3. the registry's count"; }
+echo "3. peer killed mid-fetch: the registry logged '$(grep -o 'peer 1: .*' "$WORK/r3.log" | head -1 | cut -c1-90)' and served the next peer byte-exact"
+echo "ok"
