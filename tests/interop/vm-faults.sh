@@ -12,7 +12,11 @@
 #     devices once everything arrived, and a peer resumed from those devices counts on;
 #  4. QEMU killed under a running peer: the peer says so and exits 1, nothing left behind;
 #  5. SIGINT to a peer while it resumes: it finishes resuming, then suspends; nothing left;
-#  6. SIGINT to the snapshotter while the guest boots: exit 1, no package, nothing left.
+#  6. SIGINT to the snapshotter while the guest boots: exit 1, no package, nothing left;
+#  7. the source SIGKILLed during pre-copy: the destination fails cleanly (nothing left);
+#  8. the destination SIGKILLed just after the authority transfer (a proxy holds the link
+#     there): the source cannot know whether it took over, so it does not resume its VM (no two
+#     copies run), reports the error and exits 1.
 . "$(dirname "$0")/lib.sh"
 need qemu-system-x86_64 python3
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
@@ -167,4 +171,37 @@ grep -q "Resumed VM in" "$WORK/F.log" && grep -q "Suspended the VM into its devi
         { cat "$WORK/F.log"; fail "F did not resume and suspend"; }
 no_leftovers "F"
 echo "5. SIGINT while resuming: resumed, then suspended into its devices; nothing left"
+
+# 7. The source killed during pre-copy.
+peer G "$WORK/g" "" "unix:$WORK/g.sock"
+wait_log G "Serving on"
+peer H "$WORK/h" "unix:$WORK/g.sock" ""
+wait_log G "Migrated .* initial blocks"
+kill -9 "$(pid G)"
+finished H 1
+grep -q "error: source: connection lost before the migration completed (the source keeps the devices)" "$WORK/H.log" ||
+        { cat "$WORK/H.log"; fail "H: no clear error after its source died"; }
+for m in "$WORK"/vms/*/mnt; do stat "$m" >/dev/null 2>&1 || umount -l "$m" 2>/dev/null || true; done # G's stale mount
+for _ in $(seq 1 50); do pgrep -f "qemu-system-x86_64.*$WORK/vms" >/dev/null || break; sleep 0.1; done
+no_leftovers "G and H"
+echo "7. source killed during pre-copy: $(grep -o 'error: .*' "$WORK/H.log" | head -1 | cut -c1-110)"
+
+# 8. The destination killed just after the authority transfer.
+peer K "$WORK/k" "" "unix:$WORK/k.sock"
+wait_log K "Serving on"
+python3 "$HERE/link-proxy.py" "$WORK/kp.sock" "$WORK/k.sock" authority "$WORK/k-held" &
+KPROXY=$!
+on_exit "kill -9 $KPROXY 2>/dev/null"
+for _ in $(seq 1 100); do [[ -S "$WORK/kp.sock" ]] && break; sleep 0.05; done
+peer L "$WORK/l" "unix:$WORK/kp.sock" ""
+for _ in $(seq 1 600); do [[ -e "$WORK/k-held" ]] && break; sleep 0.1; done
+[[ -e "$WORK/k-held" ]] || { cat "$WORK/K.log" "$WORK/L.log"; fail "the link never reached the authority transfer"; }
+kill -9 "$(pid L)"
+finished K 1
+grep -q "migration failed: " "$WORK/K.log" || { cat "$WORK/K.log"; fail "K: no clear error"; }
+! grep -q "Kept the VM" "$WORK/K.log" || { cat "$WORK/K.log"; fail "K resumed its VM after handing over authority"; }
+for m in "$WORK"/vms/*/mnt; do stat "$m" >/dev/null 2>&1 || umount -l "$m" 2>/dev/null || true; done
+for _ in $(seq 1 50); do pgrep -f "qemu-system-x86_64.*$WORK/vms" >/dev/null || break; sleep 0.1; done
+no_leftovers "K and L"
+echo "8. destination killed after the authority transfer: K did not resume ($(grep -o 'migration failed: .*' "$WORK/K.log" | head -1 | cut -c1-110)), exit 1"
 echo "ok"
