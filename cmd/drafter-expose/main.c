@@ -59,9 +59,13 @@ int main(int argc, char **argv) {
         }
 
         struct device_list list;
-        if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &list) < 0 ||
-            device_list_check_inputs(&list, DEVICE_SCHEMA_PEER) < 0) {
+        if (device_list_parse(devices_json, DEVICE_SCHEMA_PEER, &list) < 0) {
                 log_error("%s", error_message());
+                return 1;
+        }
+        if (device_list_check_inputs(&list, DEVICE_SCHEMA_PEER) < 0) {
+                log_error("%s", error_message());
+                device_list_free(&list);
                 return 1;
         }
         int status = 1;
