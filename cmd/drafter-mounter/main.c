@@ -190,7 +190,7 @@ static int receive(struct mounter *m, const char *raddr, int sigfd) {
                 log_error("%s", why);
                 log_info("Serving the blocks that arrived until stopped; reads of the others fail");
                 struct signalfd_siginfo si;
-                if (read(sigfd, &si, sizeof(si)) < 0)
+                if (!m->stop && read(sigfd, &si, sizeof(si)) < 0) /* (a stop already asked for ends it now) */
                         log_debug("signalfd: %s", strerror(errno));
                 return error_set(r, "migration failed after taking authority: %s", why);
         }
@@ -404,6 +404,8 @@ out:
         for (size_t i = 0; i < m.created_count; i++)
                 free(m.created[i]);
         device_list_free(&m.list);
+        if (m.tls && !tls_drain(5000))
+                log_warning("a secured link still had data to send after 5 s");
         tls_context_free(m.tls);
         close(sigfd);
         return status;

@@ -135,6 +135,7 @@ int main(int argc, char **argv) {
                         r = instance_suspend(inst, skip_agent);
                         if (r == -ECANCELED) {
                                 /* Nothing is lost by waiting: the VM runs on until asked again. */
+                                status = 1;
                                 log_error("%s", error_message());
                                 log_info("The VM was not suspended; SIGINT again suspends it without BeforeSuspend");
                                 stopping = false;
@@ -196,6 +197,8 @@ int main(int argc, char **argv) {
         instance_free(inst);
 out:
         device_list_free(&devices);
+        if (tls && !tls_drain(5000))
+                log_warning("a secured link still had data to send after 5 s");
         tls_context_free(tls);
         close(sigfd);
         return status;

@@ -272,6 +272,8 @@ int main(int argc, char **argv) {
         if (sigfd >= 0)
                 close(sigfd);
         device_list_free(&list);
+        if (reg.tls && !tls_drain(5000))
+                log_warning("a secured link still had data to send after 5 s");
         tls_context_free(reg.tls);
         pthread_mutex_destroy(&reg.lock);
         return r < 0 ? 1 : 0;

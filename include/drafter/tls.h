@@ -10,8 +10,10 @@
  * tls_wrap() runs the handshake on a connected socket and hands back a descriptor carrying the
  * plaintext (one end of a socketpair; two relay threads encrypt and decrypt between it and the
  * socket), so the migration code reads and writes descriptors whether the link is secured or
- * not. Closing or shutting down that descriptor ends the TLS session (close_notify) and the
- * socket; the peer closing or a record failing its integrity check ends the descriptor's stream. */
+ * not. Shutting down that descriptor's writing side sends close_notify once everything written
+ * is sent; closing it also stops the receiving relay, and the socket is closed when both relays
+ * are done. The peer closing, or a record failing its integrity check, ends the descriptor's
+ * stream. */
 #pragma once
 
 #include "drafter/flags.h"
@@ -51,3 +53,9 @@ const char *tls_context_describe(const struct tls_context *c);
  * that accepted) or client, within timeout_ms; then *ret_fd carries the plaintext. With c NULL,
  * *ret_fd = fd. */
 int tls_wrap(struct tls_context *c, int fd, bool server, int timeout_ms, int *ret_fd);
+
+/* Wait, at most timeout_ms, until every link whose plaintext end was closed has sent what was
+ * written to it (and its close_notify). Call before the process exits, after closing the
+ * descriptors: the relays are threads, and exiting would drop what they still hold (a final
+ * ERROR or acknowledgement). True if all were sent. */
+bool tls_drain(int timeout_ms);

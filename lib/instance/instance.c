@@ -156,7 +156,8 @@ struct output {
  * QEMU, so whatever the snapshotter waits for (liveness, the agent, the state) fails at once. */
 struct stop_watch {
         int fd;
-        pid_t pid;
+        pid_t pid; /* under lock: 0 once QEMU is reaped (its pid may be reused) */
+        pthread_mutex_t lock;
         int pipe[2];
         pthread_t thread;
         bool running;
@@ -171,8 +172,10 @@ static void *stop_watch_run(void *arg) {
         if (p[0].revents & POLLIN) {
                 atomic_store(&w->interrupted, true);
                 log_info("Interrupted: stopping the snapshot (no package will be written)");
+                pthread_mutex_lock(&w->lock);
                 if (w->pid > 0)
                         kill(w->pid, SIGKILL);
+                pthread_mutex_unlock(&w->lock);
         }
         return NULL;
 }
@@ -288,7 +291,8 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                 log_info("Booting the blueprint");
                 r = vmm_start(&mc, false, &vm);
         }
-        struct stop_watch watch = {.fd = o->stop_fd > 0 ? o->stop_fd : -1, .pid = vm ? vmm_pid(vm) : 0};
+        struct stop_watch watch = {.fd = o->stop_fd > 0 ? o->stop_fd : -1, .pid = vm ? vmm_pid(vm) : 0,
+                                   .lock = PTHREAD_MUTEX_INITIALIZER};
         if (r >= 0)
                 r = stop_watch_start(&watch);
         if (r >= 0 && (r = guestlink_wait_liveness(vmm_port_path(vm, GUESTLINK_LIVENESS_PORT_NAME),
@@ -307,6 +311,9 @@ int instance_snapshot(const struct device_list *devices, const struct instance_o
                 snprintf(vc.cpu_model, sizeof(vc.cpu_model), "%s",
                          o->cpu_model ? o->cpu_model : strcmp(vc.accelerator, "kvm") == 0 ? "host" : "max");
                 snprintf(vc.boot_args, sizeof(vc.boot_args), "%s", o->boot_args);
+                pthread_mutex_lock(&watch.lock);
+                watch.pid = 0; /* vmm_stop reaps it */
+                pthread_mutex_unlock(&watch.lock);
                 r = vmm_stop(vm);
         }
         /* The state device: the stream, zero-padded to leave room for later snapshots. */

@@ -105,8 +105,9 @@ static int take_authority(struct destination *d) {
         /* The acknowledgement and an abort exclude each other: whichever takes write_lock first. */
         pthread_mutex_lock(&d->write_lock);
         uint8_t p[2];
-        int r = d->aborted ? -EINTR : send_frame_locked(d, MIGRATE_EVENT, MIGRATE_CONNECTION, p,
-                                                        migrate_encode_event(p, MIGRATE_EVENT_AUTHORITY_ACK));
+        int r = d->aborted ? error_set(-EINTR, "migration: interrupted here before the hand-over (the source keeps the devices)")
+                           : send_frame_locked(d, MIGRATE_EVENT, MIGRATE_CONNECTION, p,
+                                               migrate_encode_event(p, MIGRATE_EVENT_AUTHORITY_ACK));
         if (r >= 0)
                 d->authority = true;
         pthread_mutex_unlock(&d->write_lock);

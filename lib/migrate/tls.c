@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <gnutls/gnutls.h>
@@ -77,7 +78,7 @@ static int parse_psk(struct tls_context *c, const char *file, const char *text, 
                                  file, MIN_KEY_BYTES, MAX_KEY_BYTES, hexlen);
         c->key.data = gnutls_malloc(hexlen / 2);
         if (!c->key.data)
-                return -ENOMEM;
+                return error_set(-ENOMEM, "TLS: out of memory");
         c->key.size = (unsigned)(hexlen / 2);
         for (size_t i = 0; i < hexlen / 2; i++) {
                 int hi = hex_value((unsigned char)hex[2 * i]), lo = hex_value((unsigned char)hex[2 * i + 1]);
@@ -92,7 +93,12 @@ static int parse_psk(struct tls_context *c, const char *file, const char *text, 
 static int server_psk(gnutls_session_t s, const char *identity, gnutls_datum_t *key) {
         const struct tls_context *c = gnutls_session_get_ptr(s);
         if (strcmp(identity, c->identity) != 0) {
-                log_warning("TLS: a peer offered the unknown PSK identity \"%s\"", identity);
+                char shown[65];
+                size_t i = 0;
+                for (; i < sizeof(shown) - 1 && identity[i]; i++) /* it comes off the network */
+                        shown[i] = isprint((unsigned char)identity[i]) ? identity[i] : '?';
+                shown[i] = 0;
+                log_warning("TLS: a peer offered the unknown PSK identity \"%s\"", shown);
                 return -1;
         }
         key->data = gnutls_malloc(c->key.size);
@@ -117,7 +123,8 @@ static int verify_peer(gnutls_session_t s) {
                         log_warning("TLS: refused the peer's certificate: %s", (const char *)out.data);
                         gnutls_free(out.data);
                 } else {
-                        log_warning("TLS: refused the peer's certificate: %s", gnutls_strerror(gr));
+                        log_warning("TLS: refused the peer's certificate: %s",
+                                    gr < 0 ? gnutls_strerror(gr) : "it did not verify");
                 }
                 return GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR;
         }
@@ -206,7 +213,7 @@ int tls_context_new(const struct tls_options *o, struct tls_context **ret) {
                                           "name one");
         struct tls_context *c = calloc(1, sizeof(*c));
         if (!c)
-                return -ENOMEM;
+                return error_set(-ENOMEM, "TLS: out of memory");
         int r = *psk ? load_psk(c, psk) : load_x509(c, &x);
         if (r >= 0) {
                 const char *where;
@@ -246,19 +253,66 @@ struct relay {
          * records, where GnuTLS alone reads each record's header and body separately. */
         uint8_t *in;
         size_t in_start, in_end;
+        atomic_bool broken;       /* a record failed (or an alert came): no close_notify from us */
+        atomic_bool local_closed; /* the caller closed its end: relay_in stopped waiting */
 };
 
+/* relay_out threads still sending, for tls_drain(). */
+static pthread_mutex_t sending_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t sending_done = PTHREAD_COND_INITIALIZER;
+static unsigned sending;
+
+static void sending_add(int delta) {
+        pthread_mutex_lock(&sending_lock);
+        sending = (unsigned)((int)sending + delta);
+        pthread_cond_broadcast(&sending_done);
+        pthread_mutex_unlock(&sending_lock);
+}
+
+bool tls_drain(int timeout_ms) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L)
+                deadline.tv_sec++, deadline.tv_nsec -= 1000000000L;
+        pthread_mutex_lock(&sending_lock);
+        while (sending > 0 && pthread_cond_timedwait(&sending_done, &sending_lock, &deadline) == 0)
+                ;
+        bool done = sending == 0;
+        pthread_mutex_unlock(&sending_lock);
+        return done;
+}
+
+/* GnuTLS's transport: errno is per thread, and GnuTLS reads it (no gnutls_transport_set_errno,
+ * which is per session and would race between the two relay threads). */
 static ssize_t pull(gnutls_transport_ptr_t ptr, void *data, size_t len) {
         struct relay *rl = ptr;
         if (rl->in_start == rl->in_end) {
+                /* Wait for the peer, or for the caller to close its end (then nothing more can be
+                 * delivered, and waiting on would keep this thread, the socket and the session
+                 * alive for as long as the peer keeps its side open). */
+                struct pollfd p[2] = {{.fd = rl->net, .events = POLLIN}, {.fd = rl->plain, .events = 0}};
+                for (;;) {
+                        int k = poll(p, 2, -1);
+                        if (k < 0 && errno == EINTR)
+                                continue;
+                        if (k < 0)
+                                return -1;
+                        if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR)) && (p[1].revents & (POLLHUP | POLLERR))) {
+                                atomic_store(&rl->local_closed, true);
+                                errno = ECONNABORTED;
+                                return -1;
+                        }
+                        if (p[0].revents)
+                                break;
+                }
                 ssize_t n;
                 do
                         n = recv(rl->net, rl->in, RELAY_BUFFER, 0);
                 while (n < 0 && errno == EINTR);
-                if (n <= 0) {
-                        gnutls_transport_set_errno(rl->session, n < 0 ? errno : 0);
+                if (n <= 0)
                         return n;
-                }
                 rl->in_start = 0, rl->in_end = (size_t)n;
         }
         size_t k = MIN(len, rl->in_end - rl->in_start);
@@ -283,8 +337,6 @@ static ssize_t push(gnutls_transport_ptr_t ptr, const giovec_t *iov, int count) 
         do
                 n = sendmsg(rl->net, &m, MSG_NOSIGNAL);
         while (n < 0 && errno == EINTR);
-        if (n < 0)
-                gnutls_transport_set_errno(rl->session, errno);
         return n;
 }
 
@@ -327,7 +379,7 @@ static void *relay_out(void *arg) {
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n <= 0) {
-                        if (n == 0)
+                        if (n == 0 && !atomic_load(&rl->broken))
                                 gnutls_bye(rl->session, GNUTLS_SHUT_WR);
                         shutdown(rl->net, n == 0 ? SHUT_WR : SHUT_RDWR);
                         break;
@@ -342,6 +394,7 @@ static void *relay_out(void *arg) {
                 }
         }
         free(buf);
+        sending_add(-1);
         relay_release(rl);
         return NULL;
 }
@@ -358,11 +411,13 @@ static int write_plain(int fd, const uint8_t *p, size_t n) {
         return 0;
 }
 
+/* Is another whole record at hand (so reading it cannot block while decrypted data waits)? */
 static bool more_ready(struct relay *rl) {
-        if (rl->in_start < rl->in_end || gnutls_record_check_pending(rl->session) > 0)
+        if (gnutls_record_check_pending(rl->session) > 0)
                 return true;
-        struct pollfd p = {.fd = rl->net, .events = POLLIN};
-        return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+        size_t have = rl->in_end - rl->in_start; /* GnuTLS leaves it at a record boundary */
+        const uint8_t *h = rl->in + rl->in_start;
+        return have >= 5 && have >= 5 + ((size_t)h[3] << 8 | h[4]);
 }
 
 /* Records → the caller. The end of the session (or a failed record) ends the caller's stream. */
@@ -386,11 +441,14 @@ static void *relay_in(void *arg) {
                 if (n == 0)
                         break; /* close_notify */
                 if (n < 0 && n != GNUTLS_E_AGAIN && n != GNUTLS_E_INTERRUPTED) {
+                        if (atomic_load(&rl->local_closed))
+                                break; /* our caller is gone: nothing to report to anyone */
                         if (n == GNUTLS_E_FATAL_ALERT_RECEIVED)
-                                log_warning("TLS link: the peer refused us: %s",
+                                log_warning("TLS link: the peer ended it with the alert \"%s\"",
                                             gnutls_alert_get_name(gnutls_alert_get(rl->session)));
                         else if (n != GNUTLS_E_PREMATURE_TERMINATION)
                                 log_warning("TLS link: %s", gnutls_strerror((int)n));
+                        atomic_store(&rl->broken, true);
                         broken = true;
                 }
         }
@@ -443,7 +501,7 @@ int tls_wrap(struct tls_context *c, int fd, bool server, int timeout_ms, int *re
         if (!rl || !(rl->in = malloc(RELAY_BUFFER))) {
                 free(rl);
                 close(fd);
-                return -ENOMEM;
+                return error_set(-ENOMEM, "TLS: out of memory");
         }
         rl->net = fd, rl->plain = -1, rl->threads = 2;
         int gr = gnutls_init(&rl->session, (server ? GNUTLS_SERVER : GNUTLS_CLIENT) | GNUTLS_NO_TICKETS);
@@ -491,16 +549,18 @@ int tls_wrap(struct tls_context *c, int fd, bool server, int timeout_ms, int *re
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        sending_add(1);
         if (pthread_create(&t, &attr, relay_out, rl) != 0) {
+                sending_add(-1);
                 pthread_attr_destroy(&attr);
                 relay_free(rl);
                 close(pair[0]);
                 return error_set(-EAGAIN, "TLS link: cannot start a relay thread");
         }
         if (pthread_create(&t, &attr, relay_in, rl) != 0) {
-                /* relay_out alone: its end comes through the caller's side, and it frees the rest. */
-                atomic_store(&rl->threads, 1);
+                /* relay_out alone: it ends on the caller's end closing; this stands in for relay_in. */
                 close(pair[0]);
+                relay_release(rl);
                 pthread_attr_destroy(&attr);
                 return error_set(-EAGAIN, "TLS link: cannot start a relay thread");
         }

@@ -21,6 +21,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const enum device_schema schemas[] = {DEVICE_SCHEMA_PEER, DEVICE_SCHEMA_SNAPSHOTTER, DEVICE_SCHEMA_PACKAGER};
         for (size_t k = 0; k < sizeof(schemas) / sizeof(schemas[0]); k++) {
                 struct device_list list;
+                error_clear();
                 if (device_list_parse(json, schemas[k], &list) < 0) {
                         if (!*error_message())
                                 abort(); /* every refusal says why */

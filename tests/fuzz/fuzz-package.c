@@ -56,6 +56,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const struct package_file files[] = {{"memory", out_a}, {"disk", out_b}};
         struct package_options o = {.threads = 1, .max_entry_bytes = 64 << 20, .stop_fd = -1};
         struct package_stats st;
+        error_clear();
         if (package_extract(archive, files, 2, &o, &st) < 0 && !*error_message())
                 abort(); /* every refusal says why */
         check_clean(dir);

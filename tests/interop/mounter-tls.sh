@@ -43,10 +43,13 @@ umask 022
 certs() { echo --tls-cert "$WORK/$1.pem" --tls-key "$WORK/$1.key" --tls-ca "$WORK/$2.pem"; }
 
 PROXY_PORT=$(free_port)
+# Wait until a port listens, without connecting (a probe would be one more refused peer).
+listening() { for _ in $(seq 1 100); do ss -Hltn "sport = :$1" | grep -q . && return 0; sleep 0.05; done; fail "nothing listens on $1"; }
 COUNTS="$WORK/counts"
 : >"$COUNTS"
 start_source() { # label tls-flags…
         local label=$1
+        SOURCE_LABEL=$label
         shift
         SOURCE_PORT=$(free_port)
         umount -l "$WORK/a/mnt" 2>/dev/null || true
@@ -62,7 +65,7 @@ start_source() { # label tls-flags…
         python3 "$HERE/count-proxy.py" "$PROXY_PORT" "$SOURCE_PORT" "$COUNTS" &
         PROXY=$!
         on_exit "kill $PROXY 2>/dev/null"
-        for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PROXY_PORT)).close()" 2>/dev/null && break; sleep 0.05; done
+        listening "$PROXY_PORT"
 }
 stop_proxy() { kill $PROXY 2>/dev/null; wait $PROXY 2>/dev/null || true; }
 restart_proxy() { # [cut:BYTES]
@@ -70,7 +73,7 @@ restart_proxy() { # [cut:BYTES]
         python3 "$HERE/count-proxy.py" "$PROXY_PORT" "$SOURCE_PORT" "$COUNTS" "$@" &
         PROXY=$!
         on_exit "kill $PROXY 2>/dev/null"
-        for _ in $(seq 1 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$PROXY_PORT)).close()" 2>/dev/null && break; sleep 0.05; done
+        listening "$PROXY_PORT"
 }
 last_count() { # the newest connection's server-to-client bytes
         sleep 0.3
@@ -82,8 +85,9 @@ refused() {
         local label=$1 expect=$2
         shift 2
         rm -rf "$WORK/b"
-        local before
+        local before refusals
         before=$(wc -l <"$COUNTS")
+        refusals=$(grep -c "refused a peer" "$WORK/a-$SOURCE_LABEL.log" || true)
         local rc=0
         timeout 60 "$DRAFTER_MOUNTER" --devices "$(devices b)" --raddr "127.0.0.1:$PROXY_PORT" --laddr '' \
                 --mount-dir "$WORK/b/mnt" "$@" >"$WORK/b-$label.log" 2>&1 || rc=$?
@@ -91,9 +95,11 @@ refused() {
         grep -q "$expect" "$WORK/b-$label.log" || { cat "$WORK/b-$label.log"; fail "$label: no '$expect' in the client's error"; }
         for _ in $(seq 1 60); do (($(wc -l <"$COUNTS") > before)) && break; sleep 0.1; done
         local got
+        (($(wc -l <"$COUNTS") > before)) || fail "$label: the proxy counted no connection"
         got=$(last_count)
-        [[ -n "$got" ]] || fail "$label: the proxy counted no connection"
         ((got <= REFUSED_MAX)) || fail "$label: the refused client received $got bytes"
+        for _ in $(seq 1 50); do (($(grep -c "refused a peer" "$WORK/a-$SOURCE_LABEL.log") > refusals)) && break; sleep 0.1; done
+        (($(grep -c "refused a peer" "$WORK/a-$SOURCE_LABEL.log") > refusals)) || { cat "$WORK/a-$SOURCE_LABEL.log"; fail "$label: the source did not log this refusal"; }
         kill -0 $A 2>/dev/null || { cat "$WORK/a-$1.log" 2>/dev/null; fail "$label: the source died"; }
         [[ ! -e "$WORK/b/overlay/disk" || ! -s "$WORK/b/overlay/disk" ]] || fail "$label: the refused client kept a partial device"
         echo "$label: refused, the client received $got bytes ($(grep -m1 -o 'TLS handshake.*\|bad magic.*\|[^:]*the peer.*' "$WORK/b-$label.log" | head -c 160))"
@@ -101,6 +107,8 @@ refused() {
 migrated() { # label source-label tls-flags…
         local label=$1 source_label=$2
         shift 2
+        local secured_before
+        secured_before=$(grep -c "Secured the link with" "$WORK/a-$source_label.log" || true)
         rm -rf "$WORK/b"
         "$DRAFTER_MOUNTER" --devices "$(devices b)" --raddr "127.0.0.1:$PROXY_PORT" --laddr '' \
                 --mount-dir "$WORK/b/mnt" "$@" >"$WORK/b-$label.log" 2>&1 &
@@ -109,7 +117,8 @@ migrated() { # label source-label tls-flags…
         wait $A || { cat "$WORK/a-$source_label.log" "$WORK/b-$label.log"; fail "$label: source failed"; }
         for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/b-$label.log" && break; sleep 0.05; done
         grep -q "Secured the link with" "$WORK/b-$label.log" || fail "$label: the client did not log a secured link"
-        grep -q "Secured the link with" "$WORK/a-$source_label.log" || fail "$label: the source did not log a secured link"
+        (($(grep -c "Secured the link with" "$WORK/a-$source_label.log") > secured_before)) ||
+                fail "$label: the source did not log a secured link for this client"
         cmp "$WORK/b/mnt/disk" "$WORK/disk.img" || fail "$label: data differs"
         kill -INT $B
         wait $B || fail "$label: destination exited with an error"
@@ -172,7 +181,7 @@ migrated psk-good psk --psk-file "$WORK/good-identity.psk" # the same key, ident
 start_source cert $(certs source ca-one)
 # (TLS 1.3: the client's handshake is over before the source checks its certificate, so the client
 # learns it from the source's alert.)
-refused cert-signed-by-other-ca "the peer refused us: Certificate is bad" --tls-cert "$WORK/outsider.pem" --tls-key "$WORK/outsider.key" \
+refused cert-signed-by-other-ca "the alert .Certificate is bad." --tls-cert "$WORK/outsider.pem" --tls-key "$WORK/outsider.key" \
         --tls-ca "$WORK/ca-one.pem" # the source refuses it
 grep -q "refused the peer's certificate" "$WORK/a-cert.log" || fail "the source did not say why it refused the certificate"
 refused cert-trusts-other-ca "refused the peer's certificate" $(certs client ca-two) # it refuses the source

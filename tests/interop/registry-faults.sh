@@ -6,7 +6,9 @@
 #     away, serves the blocks that arrived (byte-exact) and fails reads of the others with EIO;
 #  2. the same with the registry SIGKILLed;
 #  3. a peer SIGKILLed mid-fetch: the registry logs the failed peer, keeps serving, and the next
-#     peer receives the whole package byte-exact.
+#     peer receives the whole package byte-exact;
+#  4. a registry with a pre-shared key: a peer with another key is refused in the handshake, a
+#     peer with the key receives the package byte-exact.
 . "$(dirname "$0")/lib.sh"
 need python3 cmp dd
 [[ -e /dev/fuse ]] || { echo "SKIP: no /dev/fuse"; exit 77; }
@@ -15,17 +17,22 @@ HERE=$(dirname "$0")
 random_file "$WORK/disk.img" $((16 << 20)) 53
 BS=65536
 
-registry() { # log
+registry() { # log [flags…]
+        local log=$1
+        shift
         rm -f "$WORK/r.sock"
-        "$DRAFTER_REGISTRY" --laddr "unix:$WORK/r.sock" \
-                --devices "[{\"name\":\"disk\",\"base\":\"$WORK/disk.img\",\"blockSize\":$BS}]" >"$WORK/$1.log" 2>&1 &
+        "$DRAFTER_REGISTRY" --laddr "unix:$WORK/r.sock" "$@" \
+                --devices "[{\"name\":\"disk\",\"base\":\"$WORK/disk.img\",\"blockSize\":$BS}]" >"$WORK/$log.log" 2>&1 &
         R=$!
         on_exit "kill -9 $R 2>/dev/null"
-        for _ in $(seq 1 200); do grep -q "Listening on" "$WORK/$1.log" && break; sleep 0.05; done
-        grep -q "Listening on" "$WORK/$1.log" || { cat "$WORK/$1.log"; fail "the registry did not start"; }
+        for _ in $(seq 1 200); do grep -q "Listening on" "$WORK/$log.log" && break; sleep 0.05; done
+        grep -q "Listening on" "$WORK/$log.log" || { cat "$WORK/$log.log"; fail "the registry did not start"; }
 }
-peer() { # name raddr -> P
-        "$DRAFTER_MOUNTER" --devices "[{\"name\":\"disk\",\"base\":\"$WORK/$1/disk.img\",\"overlay\":\"$WORK/$1/overlay\",\"state\":\"$WORK/$1/state\",\"blockSize\":$BS}]" \
+peer() { # name raddr [flags…] -> P
+        local name=$1 raddr=$2
+        shift 2
+        set -- "$name" "$raddr" "$@"
+        "$DRAFTER_MOUNTER" "${@:3}" --devices "[{\"name\":\"disk\",\"base\":\"$WORK/$1/disk.img\",\"overlay\":\"$WORK/$1/overlay\",\"state\":\"$WORK/$1/state\",\"blockSize\":$BS}]" \
                 --raddr "$2" --laddr '' --mount-dir "$WORK/$1/mnt" >"$WORK/$1.log" 2>&1 &
         P=$!
         on_exit "kill -9 $P 2>/dev/null; umount -l '$WORK/$1/mnt' 2>/dev/null"
@@ -90,4 +97,25 @@ kill -INT $R
 wait $R || fail "3. the registry exited with an error"
 grep -q "Stopping: 1 peers served, 1 failed" "$WORK/r3.log" || { cat "$WORK/r3.log"; fail "3. the registry's count"; }
 echo "3. peer killed mid-fetch: the registry logged '$(grep -o 'peer 1: .*' "$WORK/r3.log" | head -1 | cut -c1-90)' and served the next peer byte-exact"
+
+# 4. A registry with a pre-shared key.
+key() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+(umask 077 && key >"$WORK/r.psk" && key >"$WORK/other.psk")
+registry r4 --psk-file "$WORK/r.psk"
+peer f "unix:$WORK/r.sock" --psk-file "$WORK/other.psk"
+rc=0
+timeout 60 tail --pid=$P -f /dev/null
+wait $P || rc=$?
+((rc == 1)) || { cat "$WORK/f.log"; fail "4. a peer with another key exited $rc"; }
+grep -q "TLS handshake" "$WORK/f.log" || { cat "$WORK/f.log"; fail "4. no handshake error for the wrong key"; }
+peer g "unix:$WORK/r.sock" --psk-file "$WORK/r.psk"
+for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/g.log" && break; sleep 0.05; done
+cmp "$WORK/g/mnt/disk" "$WORK/disk.img" || { cat "$WORK/g.log" "$WORK/r4.log"; fail "4. the keyed peer's data differs"; }
+grep -q "Secured the link with PSK" "$WORK/g.log" || fail "4. the peer's link was not secured"
+kill -INT $P
+wait $P || fail "4. the keyed peer exited with an error"
+kill -INT $R
+wait $R || fail "4. the registry exited with an error"
+grep -q "Stopping: 1 peers served, 1 failed" "$WORK/r4.log" || { cat "$WORK/r4.log"; fail "4. the registry's count"; }
+echo "4. registry with a PSK: another key refused ($(grep -o 'TLS handshake: .*' "$WORK/f.log" | head -1 | cut -c1-80)), the keyed peer byte-exact"
 echo "ok"

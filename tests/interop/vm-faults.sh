@@ -53,6 +53,8 @@ rc=0
 timeout 60 tail --pid=$S -f /dev/null || fail "the snapshotter did not stop on SIGINT"
 wait $S || rc=$?
 ((rc == 1)) || { cat "$WORK/snap-int.log"; fail "the interrupted snapshotter exited $rc"; }
+grep -q "error: interrupted: the package was not written" "$WORK/snap-int.log" ||
+        { cat "$WORK/snap-int.log"; fail "the snapshotter failed, but not because of the SIGINT"; }
 [[ -z $(ls -A "$WORK/int-package" 2>/dev/null) ]] || fail "the interrupted snapshotter left outputs: $(ls -A "$WORK/int-package")"
 ! pgrep -f "qemu-system-x86_64.*$WORK/vms" >/dev/null || fail "the interrupted snapshotter left QEMU running"
 ! grep -q "$WORK/vms" /proc/mounts || fail "the interrupted snapshotter left a mount"
@@ -129,6 +131,7 @@ wait_log A "SIGINT again suspends it without BeforeSuspend"
 echo "2. SIGINT with a hanging agent: not suspended ($(grep -o 'error: .*BeforeSuspend.*' "$WORK/A.log" | tail -1 | cut -c1-100)); VM runs on: $(advancing A)"
 kill -INT "$(pid A)"
 finished A 0
+grep -q "Suspending the VM without BeforeSuspend" "$WORK/A.log" || fail "A's second suspend asked the agent again"
 grep -q "Suspended the VM into its devices" "$WORK/A.log" || fail "A did not suspend into its devices"
 no_leftovers "A after its suspend"
 peer A2 "$WORK/a" "" ""
