@@ -7,7 +7,9 @@
  * last thread to finish frees the session and closes both descriptors. */
 #include "drafter/tls.h"
 #include "drafter/cleanup.h"
+#include "drafter/clock.h"
 #include "drafter/error.h"
+#include "drafter/io.h"
 #include "drafter/log.h"
 
 #include <ctype.h>
@@ -271,11 +273,7 @@ static void sending_add(int delta) {
 
 bool tls_drain(int timeout_ms) {
         struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += timeout_ms / 1000;
-        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L)
-                deadline.tv_sec++, deadline.tv_nsec -= 1000000000L;
+        clock_deadline_after((uint64_t)timeout_ms * NSEC_PER_MSEC, &deadline);
         pthread_mutex_lock(&sending_lock);
         while (sending > 0 && pthread_cond_timedwait(&sending_done, &sending_lock, &deadline) == 0)
                 ;
@@ -399,17 +397,6 @@ static void *relay_out(void *arg) {
         return NULL;
 }
 
-static int write_plain(int fd, const uint8_t *p, size_t n) {
-        while (n) {
-                ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-                if (w < 0 && errno == EINTR)
-                        continue;
-                if (w < 0)
-                        return -errno;
-                p += w, n -= (size_t)w;
-        }
-        return 0;
-}
 
 /* Is another whole record at hand (so reading it cannot block while decrypted data waits)? */
 static bool more_ready(struct relay *rl) {
@@ -436,7 +423,8 @@ static void *relay_in(void *arg) {
                                 break;
                         have += (size_t)n;
                 } while (RELAY_BUFFER - have >= RECORD_MAX && more_ready(rl));
-                if (have && write_plain(rl->plain, buf, have) < 0)
+                struct iovec iov = {buf, have};
+                if (have && io_write_iov(rl->plain, &iov, 1) < 0)
                         break; /* the caller stopped reading */
                 if (n == 0)
                         break; /* close_notify */
