@@ -139,6 +139,9 @@ package_peer_devices() {
                        'blockSize': 65536}, **${3:-{\}}) for n, f in $PKG_FILES]"
 }
 
+# counts FILE: the counter values a guest workload printed ("… count N …") into FILE, in order.
+counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
+
 # s3rver (scripts/install-s3rver) on 127.0.0.1:PORT with its data in DIR and bucket BUCKET;
 # S3RVER_PID is set. Skips (77) only if s3rver cannot be installed.
 start_s3rver() { # DIR PORT BUCKET [s3rver options, e.g. --key K --cert C]

@@ -31,11 +31,22 @@ registry() { # log [flags…]
 peer() { # name raddr [flags…] -> P
         local name=$1 raddr=$2
         shift 2
-        set -- "$name" "$raddr" "$@"
-        "$DRAFTER_MOUNTER" "${@:3}" --devices "[{\"name\":\"disk\",\"base\":\"$WORK/$1/disk.img\",\"overlay\":\"$WORK/$1/overlay\",\"state\":\"$WORK/$1/state\",\"blockSize\":$BS}]" \
-                --raddr "$2" --laddr '' --mount-dir "$WORK/$1/mnt" >"$WORK/$1.log" 2>&1 &
+        "$DRAFTER_MOUNTER" "$@" --devices "[{\"name\":\"disk\",\"base\":\"$WORK/$name/disk.img\",\"overlay\":\"$WORK/$name/overlay\",\"state\":\"$WORK/$name/state\",\"blockSize\":$BS}]" \
+                --raddr "$raddr" --laddr '' --mount-dir "$WORK/$name/mnt" >"$WORK/$name.log" 2>&1 &
         P=$!
-        on_exit "kill -9 $P 2>/dev/null; umount -l '$WORK/$1/mnt' 2>/dev/null"
+        on_exit "kill -9 $P 2>/dev/null; umount -l '$WORK/$name/mnt' 2>/dev/null"
+}
+# fetched_then_stopped case name registry-log: peer `name` (P) receives the package byte-exact;
+# then it and the registry (R) stop cleanly, the registry counting one peer served, one failed.
+fetched_then_stopped() {
+        local case=$1 name=$2 log=$3
+        for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/$name.log" && break; sleep 0.05; done
+        cmp "$WORK/$name/mnt/disk" "$WORK/disk.img" || { cat "$WORK/$name.log" "$WORK/$log.log"; fail "$case: $name's data differs"; }
+        kill -INT $P
+        wait $P || fail "$case: $name exited with an error"
+        kill -INT $R
+        wait $R || fail "$case: the registry exited with an error"
+        grep -q "Stopping: 1 peers served, 1 failed" "$WORK/$log.log" || { cat "$WORK/$log.log"; fail "$case: the registry's count"; }
 }
 stalled_peer() { # name -> P, PROXY: a peer whose link stalls after 20 blocks
         rm -f "$WORK/p.sock" "$WORK/held"
@@ -89,13 +100,7 @@ grep -q "peer 1: " "$WORK/r3.log" || { cat "$WORK/r3.log"; fail "the registry di
 kill -0 $R || fail "the registry died with its peer"
 umount -l "$WORK/d/mnt" 2>/dev/null || true
 peer e "unix:$WORK/r.sock"
-for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/e.log" && break; sleep 0.05; done
-cmp "$WORK/e/mnt/disk" "$WORK/disk.img" || fail "3. the next peer's data differs"
-kill -INT $P
-wait $P || fail "3. the next peer exited with an error"
-kill -INT $R
-wait $R || fail "3. the registry exited with an error"
-grep -q "Stopping: 1 peers served, 1 failed" "$WORK/r3.log" || { cat "$WORK/r3.log"; fail "3. the registry's count"; }
+fetched_then_stopped 3 e r3
 echo "3. peer killed mid-fetch: the registry logged '$(grep -o 'peer 1: .*' "$WORK/r3.log" | head -1 | cut -c1-90)' and served the next peer byte-exact"
 
 # 4. A registry with a pre-shared key.
@@ -109,13 +114,8 @@ wait $P || rc=$?
 ((rc == 1)) || { cat "$WORK/f.log"; fail "4. a peer with another key exited $rc"; }
 grep -q "TLS handshake" "$WORK/f.log" || { cat "$WORK/f.log"; fail "4. no handshake error for the wrong key"; }
 peer g "unix:$WORK/r.sock" --psk-file "$WORK/r.psk"
-for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/g.log" && break; sleep 0.05; done
-cmp "$WORK/g/mnt/disk" "$WORK/disk.img" || { cat "$WORK/g.log" "$WORK/r4.log"; fail "4. the keyed peer's data differs"; }
+for _ in $(seq 1 200); do grep -q "Secured the link with PSK" "$WORK/g.log" && break; sleep 0.05; done
 grep -q "Secured the link with PSK" "$WORK/g.log" || fail "4. the peer's link was not secured"
-kill -INT $P
-wait $P || fail "4. the keyed peer exited with an error"
-kill -INT $R
-wait $R || fail "4. the registry exited with an error"
-grep -q "Stopping: 1 peers served, 1 failed" "$WORK/r4.log" || { cat "$WORK/r4.log"; fail "4. the registry's count"; }
+fetched_then_stopped 4 g r4
 echo "4. registry with a PSK: another key refused ($(grep -o 'TLS handshake: .*' "$WORK/f.log" | head -1 | cut -c1-80)), the keyed peer byte-exact"
 echo "ok"

@@ -62,22 +62,10 @@ echo "6. SIGINT while the snapshotter boots: exit 1 ($(grep -o 'error: .*' "$WOR
 
 "$DRAFTER_SNAPSHOTTER" --devices "$(snap_devices "$P")" --memory-size 256 --chroot-base-dir "$WORK/vms" \
         >"$WORK/snap.out" 2>"$WORK/snap.log" || { cat "$WORK/snap.log"; fail "snapshotter failed"; }
-devices() { # base-dir instance-dir
-        python3 - "$@" <<'PY'
-import json, sys
-base, inst = sys.argv[1:3]
-files = {"state": "state.bin", "memory": "memory.bin", "kernel": "vmlinux", "disk": "rootfs.ext4",
-         "config": "config.json", "oci": "oci.ext4"}
-print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay/{f}", "state": f"{inst}/state/{f}",
-                   "blockSize": 65536, "minCycles": 4, "maxCycles": 6, "cycleThrottle": 300000000}
-                  for n, f in files.items()]))
-PY
-}
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 peer() { # name instance-dir raddr laddr [flags…] -> PID_<name>
         local name=$1 inst=$2 raddr=$3 laddr=$4
         shift 4
-        "$DRAFTER_PEER" --devices "$(devices "$P" "$inst")" --chroot-base-dir "$WORK/vms" --raddr "$raddr" \
+        "$DRAFTER_PEER" --devices "$(package_peer_devices "$P" "$inst" "{'minCycles': 4, 'maxCycles': 6, 'cycleThrottle': 300000000}")" --chroot-base-dir "$WORK/vms" --raddr "$raddr" \
                 --laddr "$laddr" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
         printf -v "PID_$name" '%s' $!
         on_exit "kill -9 $! 2>/dev/null"

@@ -42,7 +42,6 @@ print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay
                    "s3concurrency": 8} for n, f in files.items()]))
 PY
 }
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 wait_counts() { # file n pid
         for _ in $(seq 1 600); do
                 [[ $(counts "$1" | wc -l) -ge $2 ]] && return 0

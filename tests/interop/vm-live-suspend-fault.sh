@@ -38,7 +38,6 @@ print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay
                   for n, f in files.items()]))
 PY
 }
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 "$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a")" --chroot-base-dir "$WORK/vms" --laddr "unix:$WORK/a.sock" \
         --agent-timeout 10s >"$WORK/a.out" 2>"$WORK/a.log" &
 A=$!

@@ -54,7 +54,6 @@ files = {"state": "state.bin", "memory": "memory.bin", "kernel": "vmlinux", "dis
 print(json.dumps([{"name": n, "base": f"{pkg}/{f}"} for n, f in files.items()]))
 PY
 }
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 
 t0=$(date +%s%N)
 "$DRAFTER_SNAPSHOTTER" --devices "$(snap_devices)" --memory-size 256 --chroot-base-dir "$WORK/vms" \
