@@ -404,9 +404,7 @@ out:
         for (size_t i = 0; i < m.created_count; i++)
                 free(m.created[i]);
         device_list_free(&m.list);
-        if (m.tls && !tls_drain(5000))
-                log_warning("a secured link still had data to send after 5 s");
-        tls_context_free(m.tls);
+        tls_context_finish(m.tls);
         close(sigfd);
         return status;
 }

@@ -197,9 +197,7 @@ int main(int argc, char **argv) {
         instance_free(inst);
 out:
         device_list_free(&devices);
-        if (tls && !tls_drain(5000))
-                log_warning("a secured link still had data to send after 5 s");
-        tls_context_free(tls);
+        tls_context_finish(tls);
         close(sigfd);
         return status;
 }

@@ -272,9 +272,7 @@ int main(int argc, char **argv) {
         if (sigfd >= 0)
                 close(sigfd);
         device_list_free(&list);
-        if (reg.tls && !tls_drain(5000))
-                log_warning("a secured link still had data to send after 5 s");
-        tls_context_free(reg.tls);
+        tls_context_finish(reg.tls);
         pthread_mutex_destroy(&reg.lock);
         return r < 0 ? 1 : 0;
 }

@@ -41,6 +41,9 @@ struct tls_context;
  * without its key or CA, both a PSK and certificates. */
 int tls_context_new(const struct tls_options *o, struct tls_context **ret);
 void tls_context_free(struct tls_context *c);
+/* For a tool that is about to exit: tls_drain() (5 s, a warning if links still had data to
+ * send), then tls_context_free(). NULL: nothing. */
+void tls_context_finish(struct tls_context *c);
 
 /* For a tool: tls_context_new(), and when links are used (`links`) without TLS, a warning
  * that anyone who reaches them can take or feed the VM. Logs the error itself. */

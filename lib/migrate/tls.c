@@ -231,6 +231,12 @@ int tls_context_new(const struct tls_options *o, struct tls_context **ret) {
         return 0;
 }
 
+void tls_context_finish(struct tls_context *c) {
+        if (c && !tls_drain(5000))
+                log_warning("a secured link still had data to send after 5 s");
+        tls_context_free(c);
+}
+
 int tls_context_from_flags(const struct tls_options *o, bool links, struct tls_context **ret) {
         int r = tls_context_new(o, ret);
         if (r < 0) {
