@@ -14,7 +14,9 @@ cleanup() {
                 kill -INT "$SERVER_PID" 2>/dev/null || true
                 wait "$SERVER_PID" 2>/dev/null || true
         fi
-        rm -rf "$WORK"
+        # A process killed by a failing test may have left its FUSE mounts behind.
+        awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | xargs -r -n1 umount -l 2>/dev/null || true
+        if [[ $rc -ne 0 && -n ${DRAFTER_TEST_KEEP:-} ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
         exit "$rc"
 }
 trap cleanup EXIT
@@ -139,8 +141,12 @@ package_peer_devices() {
                        'blockSize': 65536}, **${3:-{\}}) for n, f in $PKG_FILES]"
 }
 
+# fresh FILE…: empty the files a background process is about to write. Its own `>FILE` runs in the
+# forked child, after the parent may already have read the previous round's content.
+fresh() { local f; for f in "$@"; do : >"$f"; done; }
+
 # counts FILE: the counter values a guest workload printed ("… count N …") into FILE, in order.
-counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
+counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | LC_ALL=C sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 
 # s3rver (scripts/install-s3rver) on 127.0.0.1:PORT with its data in DIR and bucket BUCKET;
 # S3RVER_PID is set. Skips (77) only if s3rver cannot be installed.

@@ -21,6 +21,7 @@ mkdir -p "$WORK/a/base"
 cp "$WORK/disk.img" "$WORK/small.img" "$WORK/a/base/"
 
 start_mounter() { # variable name raddr laddr
+        fresh "$WORK/$2.log"
         "$DRAFTER_MOUNTER" --devices "$(devices "$2")" --raddr "$3" --laddr "$4" --mount-dir "$WORK/$2/mnt" \
                 >"$WORK/$2.log" 2>&1 &
         printf -v "$1" '%s' $!

@@ -18,6 +18,7 @@ devices() {
         echo "[{\"name\":\"disk\",\"base\":\"$WORK/$1/base/disk.img\",\"overlay\":\"$WORK/$1/overlay/disk\",\"state\":\"$WORK/$1/state/disk\",\"blockSize\":65536,\"maxDirtyBlocks\":0,\"minCycles\":1,\"maxCycles\":1,\"cycleThrottle\":1000000}]"
 }
 run_mounter() { # name raddr laddr log (background; sets PID)
+        fresh "$WORK/$4.log"
         "$DRAFTER_MOUNTER" --devices "$(devices "$1")" --raddr "$2" --laddr "$3" --mount-dir "$WORK/$1/mnt" \
                 >"$WORK/$4.log" 2>&1 &
         PID=$!

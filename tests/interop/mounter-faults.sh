@@ -16,6 +16,7 @@ devices() { # instance: slow cycles (10 × 200 ms) so there is time to kill a pe
 mkdir -p "$WORK/a/base"
 cp "$WORK/disk.img" "$WORK/a/base/"
 start_mounter() { # variable name raddr laddr log
+        fresh "$WORK/$5.log"
         "$DRAFTER_MOUNTER" --devices "$(devices "$2")" --raddr "$3" --laddr "$4" --mount-dir "$WORK/$2/mnt" \
                 >"$WORK/$5.log" 2>&1 &
         printf -v "$1" '%s' $!

@@ -33,6 +33,7 @@ run_mode() { # label dest-flag maxDirty minCycles maxCycles throttle
         echo "--- $label"
         for m in a b; do umount -l "$WORK/$m/mnt" 2>/dev/null || true; done
         rm -rf "$WORK/a" "$WORK/b" "$WORK/stop"
+        fresh "$WORK/a.log" "$WORK/b.log"
         mkdir -p "$WORK/a/base" "$WORK/expect"
         for n in "${NAMES[@]}"; do cp "$WORK/$n.img" "$WORK/a/base/"; cp "$WORK/$n.img" "$WORK/expect/$n"; done
         local port

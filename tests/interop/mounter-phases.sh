@@ -27,6 +27,7 @@ devices() { # instance
         echo "[{\"name\":\"disk\",\"base\":\"$WORK/$1/base/disk.img\",\"overlay\":\"$WORK/$1/overlay/disk\",\"state\":\"$WORK/$1/state/disk\",\"blockSize\":65536,\"maxDirtyBlocks\":0,\"minCycles\":2,\"maxCycles\":2,\"cycleThrottle\":100000000}]"
 }
 start() { # variable instance raddr laddr log
+        fresh "$WORK/$5.log"
         "$DRAFTER_MOUNTER" --devices "$(devices "$2")" --raddr "$3" --laddr "$4" --mount-dir "$WORK/$2/mnt" \
                 >"$WORK/$5.log" 2>&1 &
         printf -v "$1" '%s' $!

@@ -65,6 +65,7 @@ echo "6. SIGINT while the snapshotter boots: exit 1 ($(grep -o 'error: .*' "$WOR
 peer() { # name instance-dir raddr laddr [flags…] -> PID_<name>
         local name=$1 inst=$2 raddr=$3 laddr=$4
         shift 4
+        fresh "$WORK/$name.out" "$WORK/$name.log"
         "$DRAFTER_PEER" --devices "$(package_peer_devices "$P" "$inst" "{'minCycles': 4, 'maxCycles': 6, 'cycleThrottle': 300000000}")" --chroot-base-dir "$WORK/vms" --raddr "$raddr" \
                 --laddr "$laddr" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
         printf -v "PID_$name" '%s' $!

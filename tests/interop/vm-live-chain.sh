@@ -50,6 +50,7 @@ wait_counts() { # file n pid
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 (umask 077 && openssl rand -hex 32 >"$WORK/link.psk" && openssl rand -hex 32 >"$WORK/wrong.psk")
 peer() { # name base-dir raddr laddr minCycles throttle -> PID_<name>; the key file in $PSK
+        fresh "$WORK/$1.out" "$WORK/$1.log"
         "$DRAFTER_PEER" --devices "$(devices "$2" "$WORK/$1" "$5" "$6")" --chroot-base-dir "$WORK/vms" \
                 --raddr "$3" --laddr "$4" --psk-file "${PSK:-$WORK/link.psk}" >"$WORK/$1.out" 2>"$WORK/$1.log" &
         printf -v "PID_$1" '%s' $!

@@ -61,9 +61,9 @@ PY
 counts() {
         [[ -f $1 ]] || return 0
         if [[ $WORKLOAD == memcheck ]]; then
-                tr -d '\r' <"$1" | sed -n 's/.*memcheck \([0-9][0-9]*\) ok.*/\1/p'
+                tr -d '\r' <"$1" | LC_ALL=C sed -n 's/.*memcheck \([0-9][0-9]*\) ok.*/\1/p'
         else
-                tr -d '\r' <"$1" | sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'
+                tr -d '\r' <"$1" | LC_ALL=C sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'
         fi
 }
 wait_counts() { # file n pid
@@ -80,6 +80,7 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         shift 2
         echo "--- $label"
         rm -rf "$WORK/a" "$WORK/b" "$WORK/a.sock"
+        fresh "$WORK"/{a,b}.{out,log}
         "$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a" "$@")" --chroot-base-dir "$WORK/vms" \
                 --laddr "unix:$WORK/a.sock" --json-summary "$WORK/a.json" >"$WORK/a.out" 2>"$WORK/a.log" &
         local A=$!
@@ -96,6 +97,10 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         local last first
         last=$(counts "$WORK/a.out" | tail -1)
         first=$(counts "$WORK/b.out" | head -1)
+        [[ -n $last && -n $first ]] || {
+                for f in a.out b.out; do echo "== $f (last 1500 bytes)"; tail -c 1500 "$WORK/$f" | cat -v; done
+                fail "$label: no count read from A ('$last') or B ('$first')"
+        }
         (( first > last && first <= last + 2 )) || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: counter $last at A, $first at B"; }
         grep -q "Welcome to DrafterOS" "$WORK/b.out" && fail "$label: the guest rebooted at B"
         for _ in $(seq 1 300); do grep -q "Completed all device migrations" "$WORK/b.log" && break; sleep 0.1; done

@@ -51,6 +51,7 @@ wait_counts() { # file n pid
         tail -20 "$1"; fail "fewer than $2 counts in $1"
 }
 peer() { # name base-dir raddr laddr s3sync [accesskey] -> PID_<name>
+        fresh "$WORK/$1.out" "$WORK/$1.log"
         "$DRAFTER_PEER" --devices "$(devices "$2" "$WORK/$1" "$5" "${6:-S3RVER}")" --chroot-base-dir "$WORK/vms" \
                 --raddr "$3" --laddr "$4" >"$WORK/$1.out" 2>"$WORK/$1.log" &
         printf -v "PID_$1" '%s' $!
