@@ -50,6 +50,7 @@ def mirror(seed, stop, seconds, pause_ms, pairs):
     import time
     r = random.Random(int(seed))
     fds = [(os.open(f, os.O_WRONLY), os.open(e, os.O_WRONLY)) for f, e in (p.split(":") for p in pairs)]
+    print("writer: started", flush=True)
     end = time.monotonic() + float(seconds) if float(seconds) > 0 else None
     n = 0
     while not os.path.exists(stop) and (end is None or time.monotonic() < end):

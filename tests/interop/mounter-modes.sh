@@ -33,7 +33,7 @@ run_mode() { # label dest-flag maxDirty minCycles maxCycles throttle
         echo "--- $label"
         for m in a b; do umount -l "$WORK/$m/mnt" 2>/dev/null || true; done
         rm -rf "$WORK/a" "$WORK/b" "$WORK/stop"
-        fresh "$WORK/a.log" "$WORK/b.log"
+        fresh "$WORK/a.log" "$WORK/b.log" "$WORK/writer.log"
         mkdir -p "$WORK/a/base" "$WORK/expect"
         for n in "${NAMES[@]}"; do cp "$WORK/$n.img" "$WORK/a/base/"; cp "$WORK/$n.img" "$WORK/expect/$n"; done
         local port
@@ -49,6 +49,10 @@ run_mode() { # label dest-flag maxDirty minCycles maxCycles throttle
         for n in "${NAMES[@]}"; do pairs+=("$WORK/a/mnt/$n:$WORK/expect/$n"); done
         python3 "$(dirname "$0")/journal.py" mirror 9 "$WORK/stop" 0 0 "${pairs[@]}" >"$WORK/writer.log" 2>&1 &
         local W=$!
+        # Python's start can take longer than a post-copy-only migration under load: the writer
+        # must hold the files open before the destination connects.
+        for _ in $(seq 1 200); do grep -q "writer: started" "$WORK/writer.log" && break; sleep 0.05; done
+        grep -q "writer: started" "$WORK/writer.log" || { cat "$WORK/writer.log"; fail "$label: the writer did not start"; }
         sleep 0.3
         "$DRAFTER_MOUNTER" --devices "$(devices b "$@")" --raddr "127.0.0.1:$port" --laddr '' $flag \
                 --mount-dir "$WORK/b/mnt" >"$WORK/b.log" 2>&1 &
@@ -58,7 +62,7 @@ run_mode() { # label dest-flag maxDirty minCycles maxCycles throttle
         grep -q "Completed all device migrations" "$WORK/b.log" || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: B did not complete"; }
         wait "$A" || { cat "$WORK/a.log"; fail "$label: the source failed"; }
         touch "$WORK/stop"
-        wait "$W"
+        wait "$W" || { cat "$WORK/writer.log"; fail "$label: the writer failed"; }
         cat "$WORK/writer.log"
         grep -q "writer: stopped by " "$WORK/writer.log" || fail "$label: the writer did not run until the hand-over"
         python3 - "$WORK/b/mnt" "$WORK/expect" "${BLOCKS[*]}" "${NAMES[@]}" <<'PY' || fail "$label: data differs"
