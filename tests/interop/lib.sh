@@ -145,6 +145,14 @@ package_peer_devices() {
 # forked child, after the parent may already have read the previous round's content.
 fresh() { local f; for f in "$@"; do : >"$f"; done; }
 
+# continues FROM TO: the first count in TO carries on from the last in FROM (the next number, or
+# the one after: a count can be printed while the VM pauses), both present; sets LAST and FIRST.
+continues() {
+        LAST=$(counts "$1" | tail -1)
+        FIRST=$(counts "$2" | head -1)
+        [[ -n $LAST && -n $FIRST ]] && ((FIRST > LAST && FIRST <= LAST + 2))
+}
+
 # counts FILE: the counter values a guest workload printed ("… count N …") into FILE, in order.
 counts() { [[ -f $1 ]] || return 0; tr -d '\r' <"$1" | LC_ALL=C sed -n 's/.*count \([0-9][0-9]*\).*/\1/p'; }
 

@@ -91,12 +91,10 @@ finished() { # name expected-status
         ((rc == $2)) || { cat "$WORK/$1.log"; fail "$1 exited $rc, expected $2"; }
 }
 continued() { # from to
-        local last first
-        last=$(counts "$WORK/$1.out" | tail -1)
         for _ in $(seq 1 300); do [[ $(counts "$WORK/$2.out" | wc -l) -ge 2 ]] && break; sleep 0.1; done
-        first=$(counts "$WORK/$2.out" | head -1)
-        (( first > last && first <= last + 2 )) || { cat "$WORK/$1.log" "$WORK/$2.log"; fail "counter $last at $1, $first at $2"; }
-        echo "counter $last at $1 -> $first at $2"
+        continues "$WORK/$1.out" "$WORK/$2.out" ||
+                { cat "$WORK/$1.log" "$WORK/$2.log"; fail "counter '$LAST' at $1, '$FIRST' at $2"; }
+        echo "counter $LAST at $1 -> $FIRST at $2"
 }
 no_leftovers() { # what
         ! pgrep -f "qemu-system-x86_64.*$WORK/vms" >/dev/null || fail "$1: QEMU left running"

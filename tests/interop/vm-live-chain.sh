@@ -57,11 +57,9 @@ peer() { # name base-dir raddr laddr minCycles throttle -> PID_<name>; the key f
         on_exit "kill -9 $! 2>/dev/null"
 }
 continued() { # from to
-        local last first
-        last=$(counts "$WORK/$1.out" | tail -1)
-        first=$(counts "$WORK/$2.out" | head -1)
-        (( first > last && first <= last + 2 )) || { cat "$WORK/$1.log" "$WORK/$2.log"; fail "counter $last at $1, $first at $2"; }
-        echo "$1 -> $2: counter $last -> $first; $(grep "Resumed VM in" "$WORK/$2.log" | sed 's/.*Resumed VM in \([0-9.]*\) ms.*/resumed \1 ms after the hand-over/')"
+        continues "$WORK/$1.out" "$WORK/$2.out" ||
+                { cat "$WORK/$1.log" "$WORK/$2.log"; fail "counter '$LAST' at $1, '$FIRST' at $2"; }
+        echo "$1 -> $2: counter $LAST -> $FIRST; $(grep "Resumed VM in" "$WORK/$2.log" | sed 's/.*Resumed VM in \([0-9.]*\) ms.*/resumed \1 ms after the hand-over/')"
 }
 finished() { # name
         local pid

@@ -94,14 +94,11 @@ run_mode() { # label B-flags maxDirty minCycles maxCycles throttle
         timeout 120 tail --pid=$A -f /dev/null || { cat "$WORK/a.log"; fail "$label: A did not finish"; }
         wait $A || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: A failed"; }
         wait_counts "$WORK/b.out" 3 $B
-        local last first
-        last=$(counts "$WORK/a.out" | tail -1)
-        first=$(counts "$WORK/b.out" | head -1)
-        [[ -n $last && -n $first ]] || {
+        continues "$WORK/a.out" "$WORK/b.out" || {
                 for f in a.out b.out; do echo "== $f (last 1500 bytes)"; tail -c 1500 "$WORK/$f" | cat -v; done
-                fail "$label: no count read from A ('$last') or B ('$first')"
+                cat "$WORK/a.log" "$WORK/b.log"; fail "$label: counter '$LAST' at A, '$FIRST' at B"
         }
-        (( first > last && first <= last + 2 )) || { cat "$WORK/a.log" "$WORK/b.log"; fail "$label: counter $last at A, $first at B"; }
+        local last=$LAST first=$FIRST
         grep -q "Welcome to DrafterOS" "$WORK/b.out" && fail "$label: the guest rebooted at B"
         for _ in $(seq 1 300); do grep -q "Completed all device migrations" "$WORK/b.log" && break; sleep 0.1; done
         kill -INT $B
