@@ -59,6 +59,10 @@ struct migrate_source_config {
          * For devices nothing writes to while they are served (drafter-registry's package), so
          * the destination starts its VM before anything has arrived and fetches on demand. */
         bool lazy;
+        /* Lazy: shared by every migration of one package (drafter-registry's peers), the time of
+         * the last NEED_AT any of them received; all hold back their background blocks while any
+         * destination's VM is faulting, since they share the link. NULL: this migration only. */
+        uint64_t *demand_group;
 };
 
 #define MIGRATE_MAX_BATCH 64

@@ -23,7 +23,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -495,6 +501,44 @@ static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool i
         return a->oom ? -ENOMEM : 0;
 }
 
+/* QEMU asks for transparent huge pages on all guest RAM (madvise MADV_HUGEPAGE). Our RAM is a
+ * shared mapping of a FUSE file, which never gets huge pages, but the flag still makes the kernel
+ * read around every page fault two whole huge pages (4 MiB) instead of the file's readahead
+ * window: on a VM whose memory arrives lazily over a link (drafter-registry, post-copy) each
+ * first touch then waits for 4 MiB. So QEMU's madvise(MADV_HUGEPAGE) of exactly the RAM's length
+ * is made a no-op that succeeds (a seccomp filter); its other madvise calls, like huge pages for
+ * TCG's code buffer, are untouched (a buffer as long as the RAM loses them: harmless). */
+#if defined(__x86_64__)
+#define HUGEPAGE_FILTER_ARCH AUDIT_ARCH_X86_64
+#elif defined(__aarch64__)
+#define HUGEPAGE_FILTER_ARCH AUDIT_ARCH_AARCH64
+#endif
+#define HUGEPAGE_FILTER_MAX 12
+#define ARG_LO(n) ((uint32_t)offsetof(struct seccomp_data, args[n])) /* little-endian: the low word */
+#define ARG_HI(n) (ARG_LO(n) + 4)
+
+static unsigned short hugepage_filter_build(struct sock_filter *f, uint64_t memory_bytes) {
+#ifdef HUGEPAGE_FILTER_ARCH
+        unsigned short n = 0;
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, HUGEPAGE_FILTER_ARCH, 0, 8);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_madvise, 0, 6);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(2));
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, MADV_HUGEPAGE, 0, 4);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(1));
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)memory_bytes, 0, 2);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_HI(1));
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)(memory_bytes >> 32), 1, 0);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 0); /* "done" */
+        return n;
+#else
+        (void)f, (void)memory_bytes;
+        return 0;
+#endif
+}
+
 static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const argv[],
                      const char *qemu_path) {
         bool input = cfg->enable_output && cfg->enable_input;
@@ -511,6 +555,8 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
         _cleanup_close_ int netns_fd = -EBADF;
         if (cfg->netns && (netns_fd = netns_open(cfg->netns)) < 0)
                 return error_prefix(netns_fd, "qemu");
+        struct sock_filter insns[HUGEPAGE_FILTER_MAX];
+        struct sock_fprog hugepage_filter = {.len = hugepage_filter_build(insns, cfg->memory_bytes), .filter = insns};
         pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0)
@@ -526,6 +572,9 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                         sigaction(reset[i], &dfl, NULL);
                 /* Own process group: a ^C at the terminal is for us to handle, not for QEMU. */
                 setpgid(0, 0);
+                /* Best effort: without it QEMU only reads ahead more than it needs. */
+                if (hugepage_filter.len && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0)
+                        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &hugepage_filter);
                 if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
                         _exit(127);
                 if (dup2(stdin_fd, STDIN_FILENO) < 0 || dup2(stdout_fd, STDOUT_FILENO) < 0 ||

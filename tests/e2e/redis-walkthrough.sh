@@ -161,47 +161,33 @@ ip -n "${P}reg" addr add 10.213.7.2/30 dev "${P}r1" && ip -n "${P}reg" link set 
 tc qdisc add dev "${P}r0" root tbf rate 200mbit burst 250000b latency 10ms
 tc -n "${P}reg" qdisc add dev "${P}r1" root tbf rate 200mbit burst 250000b latency 10ms
 REG_PORT=1337
+# 16 KiB memory blocks on both sides (they must match): a resumed VM's first touches are scattered,
+# and each fetches one block (docs/performance.md, drafter-registry).
+small_memory_blocks() { python3 -c 'import json, sys
+d = json.loads(sys.argv[1])
+for x in d:
+    if x["name"] == "memory": x["blockSize"] = 16384
+print(json.dumps(d))' "$1"; }
 ip netns exec "${P}reg" "$DRAFTER_REGISTRY" --laddr "10.213.7.2:$REG_PORT" \
-        --devices "$(package_peer_devices "$OUT/extracted" "$WORK/unused")" >"$WORK/reg.out" 2>"$WORK/reg.log" &
+        --devices "$(small_memory_blocks "$(package_peer_devices "$OUT/extracted" "$WORK/unused")")" >"$WORK/reg.out" 2>"$WORK/reg.log" &
 REG=$!
 wait_for_line "$WORK/reg.log" Listening 10 $REG "drafter-registry did not start"
-t0=$(ms)
 pids=()
 for i in 0 1 2; do
         "$DRAFTER_PEER" --netns "${P}$i" --raddr "10.213.7.2:$REG_PORT" --laddr '' --chroot-base-dir "$WORK/vms" \
-                --devices "$(package_peer_devices "$OUT/reg-$i/package" "$OUT/reg-$i")" >"$WORK/r$i.out" 2>"$WORK/r$i.log" &
+                --devices "$(small_memory_blocks "$(package_peer_devices "$OUT/reg-$i/package" "$OUT/reg-$i")")" >"$WORK/r$i.out" 2>"$WORK/r$i.log" &
         pids+=($!)
 done
+# Every peer probed at once (every 20 ms): its first PONG's time and its received bytes then.
+"$ROOT/scripts/redis-first-pong" "$P" "$REG_PORT" 90 "${pids[@]}" >"$WORK/pong.txt"
+answered=()
+while read -r i at got; do
+        [[ $at != - ]] || { for f in "$WORK"/r?.log "$WORK/reg.log"; do echo "--- $f"; tail -n 15 "$f"; done; fail "peer $i's Redis did not answer"; }
+        answered[i]="$at $got" # ms since the prober started, right after the peers
+        echo "  peer $i (${P}$i): PONG after $at ms, $got bytes received by then"
+done <"$WORK/pong.txt"
 total_bytes=$(($(du -b --apparent-size -c "$OUT/extracted"/* | tail -1 | cut -f1)))
 data_bytes=$(($(du -B1 -c "$OUT/extracted"/* | tail -1 | cut -f1)))
-answered=()
-deadline=$((t0 + 90000))
-while ((${#answered[@]} < 3)) && (($(ms) < deadline)); do
-        for i in 0 1 2; do
-                [[ -n "${answered[$i]:-}" ]] && continue
-                addr=$(cat "/run/drafter/netns/${P}$i" 2>/dev/null) || continue
-                if [[ "$(timeout 1 redis-cli -h "$addr" -p 6379 PING 2>/dev/null)" == PONG ]]; then
-                        at=$(($(ms) - t0))
-                        # What this peer has received so far: its end of the registry connection.
-                        got=$(ss -tinpH state established "( dport = :$REG_PORT )" | python3 -c '
-import re, sys
-pid, total = sys.argv[1], 0
-lines = sys.stdin.read().split("\n")
-for a, b in zip(lines, lines[1:]):
-    if f"pid={pid}," in a:
-        m = re.search(r"bytes_received:(\d+)", b)
-        total += int(m.group(1)) if m else 0
-print(total)' "${pids[$i]}")
-                        answered[i]="$at $got"
-                        echo "  peer $i (${P}$i, $addr): PONG after $at ms, $got bytes received by then"
-                fi
-        done
-        sleep 0.05
-done
-if ((${#answered[@]} < 3)); then
-        for f in "$WORK"/r?.log "$WORK/reg.log"; do echo "--- $f"; tail -n 15 "$f"; done
-        fail "not every peer's Redis answered"
-fi
 for i in 0 1 2; do
         wait_for_line "$WORK/reg.log" "peer .*: sent the whole package" 120 $REG "the registry did not finish a peer"
 done
@@ -215,8 +201,8 @@ echo "  package: $total_bytes bytes of devices, $data_bytes allocated; each peer
 for i in 0 1 2; do
         read -r at got <<<"${answered[$i]}"
         ((got > 0)) || fail "could not read peer $i's received bytes from ss"
-        # Lazy: Redis answers while a good part of its package is still on the way.
-        ((got * 100 < sent_bytes * 85)) || fail "peer $i had received $got of $sent_bytes bytes before Redis answered: not lazy"
+        # Lazy: Redis answers with most of its package still on the way (bench-registry: 24-25 %).
+        ((got * 100 < sent_bytes * 50)) || fail "peer $i had received $got of $sent_bytes bytes before Redis answered: not lazy enough"
         echo "  peer $i: first PONG with $((got * 100 / sent_bytes))% of its package received"
 done
 for i in 0 1 2; do redis-cli -h "$(cat "/run/drafter/netns/${P}$i")" SET who "peer $i" >/dev/null; done
