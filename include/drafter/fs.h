@@ -10,6 +10,9 @@ int fs_mkdir_parents(const char *path);
 /* Write `len` bytes to `path` through a temporary file in the same directory, fsync, rename:
  * readers see the old file or the whole new one, never a part. */
 int fs_write_file_atomic(const char *path, const void *data, size_t len);
+/* The same without the fsyncs: whole or absent for readers, not durable. For files that do not
+ * outlive the process that needs them (a VM's state handed to QEMU). */
+int fs_write_file_replace(const char *path, const void *data, size_t len);
 
 /* fsync the directory containing `path` so a rename or create in it is durable. */
 int fs_fsync_parent(const char *path);

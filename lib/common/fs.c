@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,7 +43,7 @@ int fs_fsync_parent(const char *path) {
         return 0;
 }
 
-int fs_write_file_atomic(const char *path, const void *data, size_t len) {
+static int write_file(const char *path, const void *data, size_t len, bool durable) {
         size_t tmp_len = strlen(path) + 16;
         _cleanup_free_ char *tmp = malloc(tmp_len);
         if (!tmp)
@@ -65,12 +66,20 @@ int fs_write_file_atomic(const char *path, const void *data, size_t len) {
                 p += n;
                 left -= (size_t)n;
         }
-        if (fchmod(fd, 0644) < 0 || fsync(fd) < 0 || rename(tmp, path) < 0) {
+        if (fchmod(fd, 0644) < 0 || (durable && fsync(fd) < 0) || rename(tmp, path) < 0) {
                 int r = error_set_errno(-errno, "cannot replace %s", path);
                 unlink(tmp);
                 return r;
         }
-        return fs_fsync_parent(path);
+        return durable ? fs_fsync_parent(path) : 0;
+}
+
+int fs_write_file_atomic(const char *path, const void *data, size_t len) {
+        return write_file(path, data, len, true);
+}
+
+int fs_write_file_replace(const char *path, const void *data, size_t len) {
+        return write_file(path, data, len, false);
 }
 
 int fs_copy_file(const char *from, const char *to, uint64_t min_size) {

@@ -577,7 +577,8 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
         _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
         int r = buf ? block_device_read_at(inst->devs[inst->state], buf, inst->cfg.state_bytes, 0) : -ENOMEM;
-        if (r < 0 || (r = fs_write_file_atomic(raw, buf, inst->cfg.state_bytes)) < 0)
+        /* In the downtime: no fsync for a file only this QEMU reads. */
+        if (r < 0 || (r = fs_write_file_replace(raw, buf, inst->cfg.state_bytes)) < 0)
                 return r;
         uint64_t t = clock_now_ns();
         mark_at(inst, "stateRead", t);

@@ -57,6 +57,7 @@ struct vmm {
         int wait_status; /* once reaped */
         struct qmp *qmp;
         bool incoming; /* started with -incoming, not restored yet */
+        bool ignore_shared; /* x-ignore-shared is set */
         const char *accelerator;
         char *runtime_dir;
         char *qmp_path;
@@ -232,6 +233,8 @@ static int vmm_check_alive(void *userdata) {
 }
 
 /* qmp_execute(), with the reason when the cause is that QEMU died. */
+static int vmm_set_ignore_shared(struct vmm *vm);
+
 static int vmm_qmp(struct vmm *vm, const char *command, json_t *args, json_t **ret_return) {
         if (!vm->qmp)
                 return error_set(-ESRCH, "qemu: %s: the VM has been stopped", command);
@@ -714,6 +717,9 @@ int vmm_start(const struct vmm_config *cfg, bool incoming, struct vmm **ret_vmm)
                           accelerators[i + 1]);
                 vm->pid = -1, vm->reaped = false, vm->wait_status = 0;
         }
+        /* Ahead of the restore, which runs in a migration's downtime: one QMP round trip less. */
+        if (r >= 0 && incoming && (r = vmm_set_ignore_shared(vm)) == 0)
+                vm->ignore_shared = true;
         if (r < 0)
                 return r;
         *ret_vmm = TAKE_PTR(vm);
@@ -924,7 +930,7 @@ int vmm_restore(struct vmm *vm, const char *state_path) {
         if (st.st_size == 0)
                 return error_set(-EINVAL, "restore: state file %s is empty", state_path);
 
-        int r = vmm_set_ignore_shared(vm);
+        int r = vm->ignore_shared ? 0 : vmm_set_ignore_shared(vm);
         if (r < 0)
                 return error_prefix(r, "restore");
         uint64_t t0 = clock_now_ns();
