@@ -36,6 +36,10 @@ enum fuse_export_flags {
         /* No writeback cache: every write() reaches the device before it returns (no shared
          * writable mappings then). For plain disks that must be frozen at a migration's end. */
         FUSE_EXPORT_WRITE_THROUGH = 1 << 0,
+        /* Page faults on mapped files read their page only, not the kernel's readahead window
+         * around it: for a VM whose memory arrives lazily over a link, where every block read
+         * ahead delays the faults after it. */
+        FUSE_EXPORT_NO_READAHEAD = 1 << 1,
 };
 int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
                             unsigned flags, struct fuse_export **ret_export);

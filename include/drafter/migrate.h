@@ -123,6 +123,9 @@ int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats
  * devices, and migrate_destination_wait() returns -EINTR. -EBUSY once this side has taken
  * authority: then the devices are ours and the rest must arrive. */
 int migrate_destination_abort(struct migrate_destination *d);
+/* True if the source announced a lazy migration (MIGRATE_CAP_LAZY): it hands over at once and
+ * the VM will fault its memory in over the link. */
+bool migrate_destination_lazy(const struct migrate_destination *d);
 /* True once the migration has ended (completed or failed): migrate_destination_wait() will not block. */
 bool migrate_destination_finished(struct migrate_destination *d);
 /* Device i's S3 bucket as the source sent it, or NULL; *ret_current (if not NULL) gets the

@@ -38,6 +38,9 @@ enum migrate_capability {
         MIGRATE_CAP_ZERO_RUNS = 1u << 1,
         MIGRATE_CAP_BARRIER = 1u << 2, /* EVENT BARRIER / BARRIER_ACK */
         MIGRATE_CAP_S3 = 1u << 3,      /* S3 frames, devices fetched partly from S3 */
+        /* Announced by a source only: a lazy migration (drafter-registry), the hand-over right
+         * after the handshake and every block on demand or after it. */
+        MIGRATE_CAP_LAZY = 1u << 4,
 };
 
 enum migrate_device_flag {

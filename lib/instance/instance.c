@@ -376,6 +376,7 @@ struct instance {
         struct block_device **s3track;   /* the S3 sync's dirty tracker */
         bool s3_started;
         struct fuse_export *fx;
+        bool lazy; /* received from a lazy source (drafter-registry): its memory faults in over the link */
         struct vmm *vm;
         struct migrate_destination *dest;
         struct vm_config cfg;
@@ -522,7 +523,8 @@ static int export_devices(struct instance *inst) {
                 files[i] = (struct fuse_export_device){devices->devices[i].name, inst->devs[i], false};
         char mnt[4200];
         snprintf(mnt, sizeof(mnt), "%s/mnt", inst->runtime);
-        return fuse_export_start(mnt, files, devices->count, &inst->fx);
+        return fuse_export_start_flags(mnt, files, devices->count, inst->lazy ? FUSE_EXPORT_NO_READAHEAD : 0,
+                                       &inst->fx);
 }
 
 /* The kernel out of its device, QEMU waiting for its state. */
@@ -760,6 +762,7 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                                                   .on_dirty = on_dirty};
         if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
                 return fail_instance(inst, r);
+        inst->lazy = migrate_destination_lazy(inst->dest);
         size_t n = migrate_destination_device_count(inst->dest);
         for (size_t i = 0; i < n && r >= 0; i++) {
                 const struct device_config *c = device_list_find(devices, migrate_destination_device_info(inst->dest, i)->name);

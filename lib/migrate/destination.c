@@ -41,6 +41,7 @@ struct destination {
         struct dest_s3 **s3; /* per device, NULL: not from S3 */
         pthread_mutex_t s3_lock;
         bool any_s3, source_done, acked;
+        bool lazy; /* the source announced MIGRATE_CAP_LAZY */
         struct migrate_destination_config cfg;
         struct migrate_device_table table;
         struct block_device **devs; /* waiting caches */
@@ -500,6 +501,7 @@ static int handshake(struct destination *d) {
         if (m.hello.version != MIGRATE_VERSION)
                 return error_set(-EPROTO, "migration: source speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
+        d->lazy = m.hello.capabilities & MIGRATE_CAP_LAZY;
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)
                 return r;
         if (f.type != MIGRATE_DEVICES)
@@ -641,6 +643,10 @@ const struct migrate_s3_info *migrate_destination_s3(struct migrate_destination 
         if (ret_current)
                 *ret_current = &d->s3[i]->current;
         return &d->s3[i]->info;
+}
+
+bool migrate_destination_lazy(const struct migrate_destination *dest) {
+        return ((const struct destination *)dest)->lazy;
 }
 
 bool migrate_destination_finished(struct migrate_destination *dest) {

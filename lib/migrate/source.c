@@ -552,7 +552,8 @@ static int handshake(struct source *s) {
         uint8_t p[20];
         struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
                                                     MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER |
-                                                            (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0))};
+                                                            (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0) |
+                                                            (s->cfg->lazy ? MIGRATE_CAP_LAZY : 0))};
         int r = send_frame(s, MIGRATE_HELLO, MIGRATE_CONNECTION, &iov, 1);
         if (r < 0)
                 return r;

@@ -27,11 +27,12 @@
 #define FIRST_DEVICE_INO 2
 #define ATTR_TIMEOUT 3600.0 /* the tree never changes while mounted */
 #define MAX_READ (1u << 20)
-/* A page fault on a mapped file (a VM's memory) reads around it this much, at most. With the
- * kernel's default (128 KiB) a resumed VM whose memory arrives lazily fetched 2 to 3 blocks per
- * first touch, most of them never used, each one adding to every later fault's wait on a shared
- * link (docs/performance.md, drafter-registry). Reads asked for are never split by it. */
-#define READAHEAD 4096u
+/* FUSE_EXPORT_NO_READAHEAD: one page. With the kernel's default (128 KiB) a resumed VM whose
+ * memory arrives lazily fetched 2 to 3 blocks per first touch, most of them never used, each one
+ * adding to every later fault's wait on a shared link (docs/performance.md, drafter-registry).
+ * Otherwise the kernel's default: a VM resuming from local or pre-copied memory faults in
+ * uncached (zero) pages 32 at a time. Reads asked for are never split by it. */
+#define NO_READAHEAD 4096u
 
 struct fuse_export {
         struct fuse_session *se;
@@ -87,7 +88,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
                 conn->want |= FUSE_CAP_ASYNC_READ;
         conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA; /* sizes never change; we invalidate ourselves */
         conn->max_write = MAX_READ;
-        conn->max_readahead = READAHEAD;
+        conn->max_readahead = fx->flags & FUSE_EXPORT_NO_READAHEAD ? NO_READAHEAD : MAX_READ;
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
