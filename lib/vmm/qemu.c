@@ -57,7 +57,7 @@ struct vmm {
         int wait_status; /* once reaped */
         struct qmp *qmp;
         bool incoming; /* started with -incoming, not restored yet */
-        bool ignore_shared; /* x-ignore-shared is set */
+        bool ignore_shared; /* x-ignore-shared is set (QEMU keeps capabilities once set) */
         const char *accelerator;
         char *runtime_dir;
         char *qmp_path;
@@ -232,9 +232,9 @@ static int vmm_check_alive(void *userdata) {
         return vmm_exit_error(vm, -EIO, 0, "qemu: starting");
 }
 
-/* qmp_execute(), with the reason when the cause is that QEMU died. */
 static int vmm_set_ignore_shared(struct vmm *vm);
 
+/* qmp_execute(), with the reason when the cause is that QEMU died. */
 static int vmm_qmp(struct vmm *vm, const char *command, json_t *args, json_t **ret_return) {
         if (!vm->qmp)
                 return error_set(-ESRCH, "qemu: %s: the VM has been stopped", command);
@@ -718,8 +718,8 @@ int vmm_start(const struct vmm_config *cfg, bool incoming, struct vmm **ret_vmm)
                 vm->pid = -1, vm->reaped = false, vm->wait_status = 0;
         }
         /* Ahead of the restore, which runs in a migration's downtime: one QMP round trip less. */
-        if (r >= 0 && incoming && (r = vmm_set_ignore_shared(vm)) == 0)
-                vm->ignore_shared = true;
+        if (r >= 0 && incoming)
+                r = vmm_set_ignore_shared(vm);
         if (r < 0)
                 return r;
         *ret_vmm = TAKE_PTR(vm);
@@ -803,11 +803,15 @@ int vmm_status(struct vmm *vm, const char **ret_status) {
 /* ---- snapshot and restore ---- */
 
 static int vmm_set_ignore_shared(struct vmm *vm) {
+        if (vm->ignore_shared)
+                return 0;
         json_auto_t *args =
                 json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability", "x-ignore-shared", "state", 1);
         if (!args)
                 return -ENOMEM;
-        return vmm_qmp(vm, "migrate-set-capabilities", args, NULL);
+        int r = vmm_qmp(vm, "migrate-set-capabilities", args, NULL);
+        vm->ignore_shared = r >= 0;
+        return r;
 }
 
 /* {"channels":[{"channel-type":"main","addr":{"transport":"file","filename":…,"offset":0}}]} */
@@ -930,7 +934,7 @@ int vmm_restore(struct vmm *vm, const char *state_path) {
         if (st.st_size == 0)
                 return error_set(-EINVAL, "restore: state file %s is empty", state_path);
 
-        int r = vm->ignore_shared ? 0 : vmm_set_ignore_shared(vm);
+        int r = vmm_set_ignore_shared(vm);
         if (r < 0)
                 return error_prefix(r, "restore");
         uint64_t t0 = clock_now_ns();
