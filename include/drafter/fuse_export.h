@@ -54,6 +54,13 @@ int fuse_export_sync(struct fuse_export *fx);
 /* Drop cached pages of [off, off+len) of device `index` (after its blocks changed underneath). */
 int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, uint64_t len);
 
+/* Put `len` bytes at `off` of device `index` into the kernel's page cache as they are on the
+ * device (FUSE_NOTIFY_STORE: no read request, no round trip). Only for data that no reader is
+ * waiting for and no writer is changing through the file: a page the kernel holds is
+ * overwritten, and a read waiting on one of these pages would hold up the call. -ENOENT: the
+ * kernel does not know the file (nobody opened it). */
+int fuse_export_store(struct fuse_export *fx, size_t index, uint64_t off, const void *data, size_t len);
+
 /* Unmount (lazily if still busy), stop the threads, free. NULL is fine. */
 void fuse_export_stop(struct fuse_export *fx);
 

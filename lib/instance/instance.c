@@ -395,7 +395,7 @@ struct instance {
         } events[16];
         size_t event_count;
         /* Receiving: the memory file kept in the page cache until the hand-over (page_warmer.h);
-         * set once the mount is up, freed at the hand-over; under `lock`. */
+         * set once the mount is up, freed just before the VM runs; under `lock`. */
         struct page_warmer *warmer;
         size_t warm_index; /* the memory device in the migration's table */
         pthread_mutex_t lock;
@@ -571,6 +571,13 @@ static int start_vmm(struct instance *inst) {
         return r;
 }
 
+static void stop_warmer(struct instance *inst) {
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_free(inst->warmer);
+        inst->warmer = NULL;
+        pthread_mutex_unlock(&inst->lock);
+}
+
 /* The exact state stream out of its padded device, loaded; the VM runs; AfterResume. */
 static int restore_and_resume(struct instance *inst, uint64_t since) {
         inst->t_handover = MS_SINCE(inst->t0);
@@ -589,6 +596,8 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         inst->t_restored = MS_SINCE(inst->t0);
         mark(inst, "stateLoaded");
         log_debug("state load %.1f ms", MS_SINCE(t));
+        /* From now on the VM writes its pages: a late copy into the page cache would undo that. */
+        stop_warmer(inst);
         if ((r = vmm_resume(inst->vm)) < 0)
                 return r;
         inst->resume_ms = MS_SINCE(since);
@@ -700,13 +709,6 @@ static void on_dirty(void *ctx, size_t index, uint64_t block) {
         pthread_mutex_unlock(&inst->lock);
 }
 
-static void stop_warmer(struct instance *inst) {
-        pthread_mutex_lock(&inst->lock);
-        page_warmer_free(inst->warmer);
-        inst->warmer = NULL;
-        pthread_mutex_unlock(&inst->lock);
-}
-
 /* Published before it reads anything, so it sees every DIRTY list; started under the lock the
  * hand-over takes, so it never runs after it. Without one the VM only resumes slower. */
 static void start_warmer(struct instance *inst) {
@@ -730,12 +732,11 @@ static void start_warmer(struct instance *inst) {
         page_warmer_free(w);
 }
 
+/* The warmer goes on through the state load (blocks that follow the hand-over are cached as
+ * they land) and stops just before the VM runs: restore_and_resume(). */
 static int on_authority(void *ctx) {
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
-        /* From now on the VM may run and write its pages: the warmer stops reading. */
-        page_warmer_free(inst->warmer);
-        inst->warmer = NULL;
         inst->authority = true;
         pthread_cond_broadcast(&inst->changed);
         pthread_mutex_unlock(&inst->lock);
@@ -970,6 +971,21 @@ bool instance_running(struct instance *inst) {
         return inst->vm && vmm_running(inst->vm);
 }
 
+struct sync_job {
+        struct fuse_export *fx;
+        pthread_t thread;
+        int r;
+        char why[1024];
+};
+
+static void *sync_thread(void *arg) {
+        struct sync_job *job = arg;
+        job->r = fuse_export_sync(job->fx);
+        if (job->r < 0)
+                snprintf(job->why, sizeof(job->why), "%s", error_message());
+        return NULL;
+}
+
 /* BeforeSuspend, pause, the state into the state device and config.json. `durable`: flush every
  * device too (a suspend that ends the run); a live migration reads the devices at once and keeps
  * the VM to resume if it fails, so it leaves that off its downtime. */
@@ -986,11 +1002,20 @@ static int suspend_into_devices(struct instance *inst, bool durable, bool skip_a
         if ((r = vmm_pause(inst->vm)) < 0)
                 return r;
         mark(inst, "paused");
-        if ((r = (durable ? vmm_snapshot : vmm_save_state)(inst->vm, raw)) < 0)
+        /* Every page QEMU dirtied through its mapping, into the memory device: while QEMU
+         * writes the device state (which does not touch guest RAM), unless it is a snapshot,
+         * which syncs the memory file itself. */
+        struct sync_job job = {.fx = inst->fx};
+        bool parallel = !durable && pthread_create(&job.thread, NULL, sync_thread, &job) == 0;
+        r = (durable ? vmm_snapshot : vmm_save_state)(inst->vm, raw);
+        if (parallel)
+                pthread_join(job.thread, NULL);
+        if (r < 0)
                 return r;
         mark(inst, "stateSaved");
-        /* Every page QEMU dirtied through its mapping, into the memory device. */
-        if ((r = fuse_export_sync(inst->fx)) < 0)
+        if (parallel && job.r < 0)
+                return error_set(job.r, "%s", job.why);
+        if (!parallel && (r = fuse_export_sync(inst->fx)) < 0)
                 return r;
         mark(inst, "memorySynced");
         _cleanup_free_ char *data = NULL;

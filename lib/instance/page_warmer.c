@@ -19,8 +19,9 @@
 /* A block is read once it has not changed for this long: a hot block is sent again each cycle,
  * and reading it each time would only cost the migration's thread an invalidation. */
 #define PAGE_WARMER_SETTLE_NS (150 * NSEC_PER_MSEC)
-/* At the hand-over the VM waits for what is still queued, settled or not: at most this long. */
-#define PAGE_WARMER_DRAIN_NS (5 * NSEC_PER_MSEC)
+/* Just before the VM runs it waits for what is still queued, settled or not: at most this long
+ * (the state load before it gave the thread its time). */
+#define PAGE_WARMER_DRAIN_NS (2 * NSEC_PER_MSEC)
 
 struct page_warmer {
         struct fuse_export *fx;
@@ -36,6 +37,7 @@ struct page_warmer {
         uint64_t *arrived_ns; /* per block: when it last arrived */
         struct bitmap cached; /* read by us: the page cache may hold these blocks */
         bool stop, draining, running;
+        bool read_through; /* the kernel refused a store: read through the FUSE file */
         uint64_t drain_deadline_ns;
         pthread_t thread;
         uint64_t blocks_read, t_busy_ns;
@@ -103,6 +105,20 @@ static bool next_run(struct page_warmer *w, uint64_t *cursor, uint64_t *ret_firs
         return false;
 }
 
+/* The blocks' data from the device straight into the page cache; where the kernel refuses
+ * that (an older one), read through the file, which costs a FUSE round trip per request. */
+static void warm(struct page_warmer *w, void *buf, uint64_t off, size_t len) {
+        if (!w->read_through) {
+                int r = block_device_read_at(w->dev, buf, len, off);
+                if (r >= 0 && (r = fuse_export_store(w->fx, w->index, off, buf, len)) >= 0)
+                        return;
+                log_debug("page cache: %s; reading through the file instead", error_message());
+                w->read_through = true;
+        }
+        if (pread(w->fd, buf, len, (off_t)off) < 0)
+                log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
+}
+
 static void *warm_thread(void *arg) {
         struct page_warmer *w = arg;
         /* Behind the migration and the VMs on a busy host: this only saves faults later. */
@@ -124,15 +140,15 @@ static void *warm_thread(void *arg) {
                         pthread_cond_timedwait(&w->wake, &w->lock, &ts);
                         continue;
                 }
-                /* Every block in the range is present and stays so until the read is done
-                 * (page_warmer_dirtied waits for it): the read never waits for the migration. */
+                /* Every block in the range is present and stays so until the store is done
+                 * (page_warmer_dirtied waits for it): it never waits for the migration, and
+                 * nothing reads the file before the hand-over, so no read holds its pages. */
                 w->flight_first = first;
                 w->flight_count = count;
                 pthread_mutex_unlock(&w->lock);
                 uint64_t t = clock_now_ns(), off = first * w->dev->block_size;
                 size_t len = (size_t)(MIN((first + count) * w->dev->block_size, w->dev->size) - off);
-                if (pread(w->fd, buf, len, (off_t)off) < 0)
-                        log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
+                warm(w, buf, off, len);
                 pthread_mutex_lock(&w->lock);
                 bitmap_set_range(&w->cached, first, count);
                 w->flight_count = 0;
@@ -151,6 +167,8 @@ int page_warmer_run(struct page_warmer *w) {
                         bitmap_set(&w->queued, b);
         int r = pthread_create(&w->thread, NULL, warm_thread, w);
         w->running = r == 0;
+        if (r == 0)
+                pthread_setname_np(w->thread, "page-warmer");
         pthread_mutex_unlock(&w->lock);
         return r == 0 ? 0 : error_set(-r, "page cache: cannot start a thread");
 }
@@ -209,7 +227,7 @@ void page_warmer_free(struct page_warmer *w) {
         pthread_mutex_unlock(&w->lock);
         if (w->running)
                 pthread_join(w->thread, NULL);
-        log_debug("page cache: %" PRIu64 " blocks read ahead in %.1f ms, the last %" PRIu64 " in %.1f ms at the hand-over",
+        log_debug("page cache: %" PRIu64 " blocks read ahead in %.1f ms, the last %" PRIu64 " in %.1f ms before the VM ran",
                   w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before, (clock_now_ns() - t) / 1e6);
         bitmap_free(&w->queued);
         bitmap_free(&w->cached);

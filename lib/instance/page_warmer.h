@@ -2,13 +2,16 @@
  * blocks arrive, so that the VM's first touches after the hand-over are minor faults instead of
  * FUSE reads (each of which fetches a whole readahead window, megabytes, on the downtime path).
  *
- * A thread reads every arrived block through the FUSE file (readahead off, so it reads exactly
- * the blocks it asks for). When a block it read arrives again (a pre-copy cycle) or is about to
- * go missing (a DIRTY list), its cached pages are dropped first, after any read of it in
- * flight; a read of a block that is not present is never issued, so the thread never waits for
- * the migration.
- * Stop it before the VM may run (at the hand-over): from then on the VM's own faults fill the
- * cache, and a late read could cache a page the VM has since written. */
+ * A thread copies every arrived block from the device into the FUSE file's page cache
+ * (fuse_export_store: the kernel takes the data without a read request; where it cannot, the
+ * thread reads the block through the file, readahead off). When a block it cached arrives again
+ * (a pre-copy cycle) or is about to go missing (a DIRTY list), its cached pages are dropped
+ * first, after any store of it in flight; a block that is not present is never touched, so the
+ * thread never waits for the migration.
+ * It goes on after the hand-over while QEMU loads the state (which reads but does not write
+ * guest RAM), caching the blocks that follow the hand-over as they land. Stop it before the VM
+ * may run: from then on the VM's own faults fill the cache, and a late copy would overwrite a
+ * page the VM has since written. */
 #pragma once
 
 #include <stddef.h>
@@ -28,7 +31,6 @@ int page_warmer_run(struct page_warmer *w);
 void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero);
 /* Block `block` is about to be marked missing: afterwards no cached page of it remains. */
 void page_warmer_dirtied(struct page_warmer *w, uint64_t block);
-/* Read what is still queued (the last blocks of a migration: the VM's hottest pages, about to
- * be touched first), for at most a few ms; stop the thread and free. Nothing may arrive
- * meanwhile. NULL is fine. */
+/* Cache what is still queued (the last blocks of a migration: the VM's hottest pages, about to
+ * be touched first), for at most a few ms; stop the thread and free. NULL is fine. */
 void page_warmer_free(struct page_warmer *w);

@@ -45,6 +45,7 @@
 #define VMM_TERM_TIMEOUT_NS      (2 * NSEC_PER_SEC)
 #define VMM_EXIT_POLL_NS         (2 * NSEC_PER_MSEC)
 #define VMM_LOG_TAIL_MAX         480
+#define QEMU_FD_TABLE_MIN        256 /* descriptor slots a QEMU process starts with */
 
 struct vmm_port {
         char *name;
@@ -589,6 +590,13 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                         (void)ignored;
                         _exit(127);
                 }
+                /* QEMU ends up with ~90 descriptors, and the kernel grows a shared descriptor
+                 * table only after an RCU grace period (synchronize_rcu, ms): when vm_start
+                 * opens its ioeventfds past 64 that wait falls in the migration's downtime.
+                 * Grown here, single-threaded, it is free; tables never shrink, and this one
+                 * fd is closed again at once. */
+                if (dup2(STDERR_FILENO, QEMU_FD_TABLE_MIN - 1) >= 0)
+                        close(QEMU_FD_TABLE_MIN - 1);
                 close_range(3, ~0U, 0); /* no fd of ours (FUSE, sockets, pipes) lives on in QEMU */
                 execv(qemu_path, argv);
                 static const char msg[] = "drafter: cannot execute QEMU\n";

@@ -498,6 +498,18 @@ int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, u
         return 0;
 }
 
+int fuse_export_store(struct fuse_export *fx, size_t index, uint64_t off, const void *data, size_t len) {
+        if (index >= fx->count)
+                return -EINVAL;
+        struct fuse_bufvec buf = FUSE_BUFVEC_INIT(len);
+        buf.buf[0].mem = (void *)data;
+        int r = fuse_lowlevel_notify_store(fx->se, FIRST_DEVICE_INO + index, (off_t)off, &buf, 0);
+        if (r < 0)
+                return error_set_errno(r, "fuse: cannot store %zu bytes at %" PRIu64 " of %s in the page cache", len,
+                                       off, fx->paths[index]);
+        return 0;
+}
+
 /* End the connection even though files are still open or mapped (fusectl's abort): users get
  * ENOTCONN instead of hanging, and our request threads return. */
 static void abort_connection(struct fuse_export *fx) {
