@@ -394,7 +394,7 @@ struct instance {
                 uint64_t at_ns;
         } events[16];
         size_t event_count;
-        /* Receiving: the memory file kept in the page cache until the hand-over (page_warmer.h);
+        /* Receiving: the memory file kept in the page cache until the VM runs (page_warmer.h);
          * set once the mount is up, freed just before the VM runs; under `lock`. */
         struct page_warmer *warmer;
         size_t warm_index; /* the memory device in the migration's table */

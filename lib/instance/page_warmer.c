@@ -109,8 +109,8 @@ static bool next_run(struct page_warmer *w, uint64_t *cursor, uint64_t *ret_firs
  * that (an older one), read through the file, which costs a FUSE round trip per request. */
 static void warm(struct page_warmer *w, void *buf, uint64_t off, size_t len) {
         if (!w->read_through) {
-                int r = block_device_read_at(w->dev, buf, len, off);
-                if (r >= 0 && (r = fuse_export_store(w->fx, w->index, off, buf, len)) >= 0)
+                if (block_device_read_at(w->dev, buf, len, off) >= 0 &&
+                    fuse_export_store(w->fx, w->index, off, buf, len) >= 0)
                         return;
                 log_debug("page cache: %s; reading through the file instead", error_message());
                 w->read_through = true;
