@@ -141,8 +141,11 @@ static void *warm_thread(void *arg) {
                         continue;
                 }
                 /* Every block in the range is present and stays so until the store is done
-                 * (page_warmer_dirtied waits for it): it never waits for the migration, and
-                 * nothing reads the file before the hand-over, so no read holds its pages. */
+                 * (page_warmer_dirtied waits for it): it never waits for the migration. After
+                 * the hand-over a fault of QEMU's may hold one of its pages while it waits for
+                 * a missing neighbour; the store then waits for that block to land, which the
+                 * receiving thread delivers without waiting for us (no missing block is ever
+                 * in flight here). */
                 w->flight_first = first;
                 w->flight_count = count;
                 pthread_mutex_unlock(&w->lock);
