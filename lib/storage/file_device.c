@@ -17,6 +17,7 @@ struct file_device {
         struct block_device dev;
         int fd;
         unsigned flags;
+        bool seek_holes; /* a regular file whose holes lseek(SEEK_DATA) can find */
         char *path;
 };
 
@@ -24,15 +25,13 @@ static struct file_device *to_file(struct block_device *dev) {
         return (struct file_device *)dev;
 }
 
-static int file_read_at(struct block_device *dev, void *buf, size_t len, uint64_t off) {
-        struct file_device *f = to_file(dev);
-        char *p = buf;
+static int file_pread(struct file_device *f, char *p, size_t len, uint64_t off) {
         while (len > 0) {
                 ssize_t n = pread(f->fd, p, len, (off_t)off);
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n < 0)
-                        return error_set_errno(-errno, "%s: read of %s at %" PRIu64, dev->name, f->path, off);
+                        return error_set_errno(-errno, "%s: read of %s at %" PRIu64, f->dev.name, f->path, off);
                 if (n == 0) {
                         /* The file shrank under us: what is past its end reads as zeros. */
                         memset(p, 0, len);
@@ -41,6 +40,46 @@ static int file_read_at(struct block_device *dev, void *buf, size_t len, uint64_
                 p += n;
                 len -= (size_t)n;
                 off += (uint64_t)n;
+        }
+        return 0;
+}
+
+/*
+ * Holes read as zeros without pread: reading a hole makes the kernel fill
+ * fresh page-cache pages with zeros, which costs more than the copy itself
+ * on a machine whose memory is touched for the first time (most of a
+ * snapshot's memory and a new overlay are holes). A write that fills a
+ * hole while this runs races with the read as any concurrent write does.
+ */
+static int file_read_at(struct block_device *dev, void *buf, size_t len, uint64_t off) {
+        struct file_device *f = to_file(dev);
+        char *p = buf;
+        if (!f->seek_holes || len < 4096)
+                return file_pread(f, p, len, off);
+
+        uint64_t end = off + len;
+        while (off < end) {
+                off_t data = lseek(f->fd, (off_t)off, SEEK_DATA);
+                if (data < 0 && errno != ENXIO) {
+                        /* No SEEK_DATA here after all: read everything from now on. */
+                        f->seek_holes = false;
+                        return file_pread(f, p, (size_t)(end - off), off);
+                }
+                uint64_t start = data < 0 ? end : MIN((uint64_t)data, end);
+                memset(p, 0, (size_t)(start - off));
+                p += start - off;
+                off = start;
+                if (off == end)
+                        break;
+                off_t hole = lseek(f->fd, (off_t)off, SEEK_HOLE);
+                uint64_t stop = hole < 0 ? end : MIN((uint64_t)hole, end);
+                if (stop <= off)
+                        stop = end; /* a hole appeared under us: pread sees what is there now */
+                int r = file_pread(f, p, (size_t)(stop - off), off);
+                if (r < 0)
+                        return r;
+                p += stop - off;
+                off = stop;
         }
         return 0;
 }
@@ -175,6 +214,7 @@ int file_device_open(const char *name, const char *path, unsigned flags, uint64_
                 return -ENOMEM;
         }
         f->flags = flags;
+        f->seek_holes = S_ISREG(st.st_mode);
         f->fd = TAKE_FD(fd);
         *ret_dev = &TAKE_PTR(f)->dev;
         return 0;

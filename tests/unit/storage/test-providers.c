@@ -192,6 +192,38 @@ static void test_file_errors(void **state) {
         test_tmpdir_remove(dir);
 }
 
+/* Reads that cross holes and data in every way read what pread reads. */
+static void test_file_holes(void **state) {
+        char *dir = test_tmpdir_new();
+        _cleanup_free_ char *path = test_path(dir, "holes.bin");
+        const uint64_t size = 64 * 4096 + 100;
+        unsigned char *ref = calloc(1, size), *got = malloc(size);
+        assert_non_null(ref);
+        assert_non_null(got);
+        struct block_device *dev;
+        assert_ok(file_device_open("disk", path, FILE_DEVICE_CREATE, size, 4096, &dev));
+        /* Data in pages 3, 10-12, 40 and the tail; the rest stays a hole. */
+        static const uint64_t pages[] = {3, 10, 11, 12, 40, 64};
+        struct test_rng rng = {test_seed("test-file-holes")};
+        for (size_t i = 0; i < ELEMENTSOF(pages); i++) {
+                uint64_t off = pages[i] * 4096, len = MIN(4096, size - off);
+                test_rng_fill(&rng, ref + off, (size_t)len);
+                assert_ok(block_device_write_at(dev, ref + off, (size_t)len, off));
+        }
+        for (uint64_t off = 0; off < size; off += 1531)
+                for (uint64_t len = 4096; len <= 20 * 4096 && off + len <= size; len += 4096 + 977) {
+                        memset(got, 0xa5, (size_t)len);
+                        assert_ok(block_device_read_at(dev, got, (size_t)len, off));
+                        if (memcmp(got, ref + off, (size_t)len) != 0)
+                                fail_msg("read of %" PRIu64 " bytes at %" PRIu64 " differs", len, off);
+                }
+        verify_all(dev, ref, size);
+        block_device_close(dev);
+        free(ref);
+        free(got);
+        test_tmpdir_remove(dir);
+}
+
 static void test_zero_detection(void **state) {
         unsigned char buf[1000] = {0};
         assert_true(buffer_is_zero(buf, sizeof(buf)));
@@ -208,6 +240,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_all_providers),
                 cmocka_unit_test(test_file_errors),
+                cmocka_unit_test(test_file_holes),
                 cmocka_unit_test(test_zero_detection),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
