@@ -13,6 +13,10 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/tcp.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <sys/socket.h>
 #include <zstd.h>
 
@@ -66,6 +70,18 @@ struct source {
         uint64_t last_background_ns; /* lazy: when a block nobody asked for last went out */
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
+        uint64_t write_ns; /* spent in socket writes of blocks */
+        struct zstd_choice {
+                bool on;                  /* compress the blocks of this window */
+                bool no_tcp_info;         /* not a TCP socket (TLS goes through a socketpair): always on */
+                uint64_t bytes, wire, ns; /* this window: block bytes, their bytes on the wire, ns spent
+                                           * on them outside socket writes */
+                double cpu[2];            /* block bytes per ns we produce, raw and compressed; 0: unknown */
+                double ratio;             /* wire bytes per block byte, compressed */
+                double link;              /* wire bytes per ns the link takes when it is the bottleneck;
+                                           * 0: it was not, last we saw */
+                unsigned windows;
+        } zstd;
         struct migrate_stats stats;
 };
 
@@ -86,7 +102,9 @@ static int flush_blocks(struct source *s) {
                 return 0;
         for (int i = 0; i < s->iov_count; i++)
                 s->stats.bytes_sent += s->iov[i].iov_len;
+        uint64_t t0 = clock_now_ns();
         int r = io_write_iov(s->fd, s->iov, s->iov_count);
+        s->write_ns += clock_now_ns() - t0;
         s->queued = 0;
         s->iov_count = 0;
         return r < 0 ? write_failed(s, error_set_errno(r, "migration: write")) : 0;
@@ -211,13 +229,96 @@ static void *reader_thread(void *arg) {
         return NULL;
 }
 
+/*
+ * zstd pays only where the link, not the CPU, is the bottleneck: over loopback or a fast link on
+ * a busy host it cuts the rate several times (and the destination decompresses too). So the
+ * sender times what it takes to produce blocks each way (read, compress, queue; not the socket
+ * writes), in windows of a few MiB, and asks TCP whether the link held it back (TCP_INFO: the
+ * delivery rate, unless the application, us, was the limit). Compressed blocks that still fill
+ * the link beat raw ones, and raw blocks that do not fill it beat compressed ones (compression
+ * only adds work); in between, each way's rate is the lesser of ours and the link's (for zstd,
+ * the link's over the compression ratio) and the faster is used. The first window is
+ * compressed. Timing the whole round trip instead misleads: socket buffers of several MiB
+ * absorb a window, and probing the other way now and then costs more than it finds.
+ */
+#define ZSTD_WINDOW_BYTES (4u << 20)
+
+static double mean_in(double seen, double now) {
+        return seen > 0 ? (seen + now) / 2 : now;
+}
+
+static void zstd_choice_window(struct zstd_choice *z, int fd) {
+        z->cpu[z->on] = mean_in(z->cpu[z->on], (double)z->bytes / (double)MAX(z->ns, 1));
+        if (z->on)
+                z->ratio = mean_in(z->ratio, (double)z->wire / (double)z->bytes);
+        z->bytes = z->wire = z->ns = 0;
+        z->windows++;
+        struct tcp_info ti = {0};
+        socklen_t len = sizeof(ti);
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 ||
+            len < offsetof(struct tcp_info, tcpi_delivery_rate) + sizeof(ti.tcpi_delivery_rate)) {
+                z->no_tcp_info = z->on = true;
+                return;
+        }
+        bool link_bound = !ti.tcpi_delivery_rate_app_limited && ti.tcpi_delivery_rate > 0;
+        if (link_bound)
+                z->link = (double)ti.tcpi_delivery_rate / 1e9;
+        else if (!z->on)
+                z->link = 0; /* raw blocks did not fill it: not the bottleneck now */
+        if (z->on == link_bound)
+                return; /* settled, see above */
+        /* Compressed blocks left the link idle, or raw ones filled it: which way is faster? A way
+         * not timed yet is worth a window. */
+        double raw = z->cpu[0] == 0 ? INFINITY : z->link > 0 ? MIN(z->cpu[0], z->link) : z->cpu[0];
+        double zstd = z->cpu[1] == 0 ? INFINITY
+                      : z->link > 0  ? MIN(z->cpu[1], z->link / MAX(z->ratio, 1e-3))
+                                     : z->cpu[1];
+        z->on = zstd > raw;
+}
+
+static void zstd_choice_note(struct source *s, size_t len, uint64_t ns) {
+        struct zstd_choice *z = &s->zstd;
+        if (z->no_tcp_info)
+                return;
+        z->bytes += len;
+        z->ns += ns;
+        if (z->bytes >= ZSTD_WINDOW_BYTES)
+                zstd_choice_window(z, s->fd);
+}
+
+/* A data block in its smaller form: compressed when that is chosen and pays. */
+static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, const uint8_t *data,
+                            size_t len) {
+        /* Compression costs more than it saves on incompressible data: after misses in a row,
+         * try again only every so often (backing off up to every 64th block). A block read into
+         * the slot's buffer is compressed from it into the same buffer's second half. */
+        bool try_zstd = s->cctx && !s->raw_only && s->zstd.on;
+        if (try_zstd && s->compress_skip > 0) {
+                s->compress_skip--;
+        } else if (try_zstd) {
+                uint8_t *out = data == slot->buf ? slot->buf + len : slot->buf;
+                size_t cap = data == slot->buf ? s->buf_cap - len : s->buf_cap;
+                size_t n = ZSTD_compressCCtx(s->cctx, out, cap, data, len, 1);
+                if (!ZSTD_isError(n) && n < len - len / 8) {
+                        s->compress_misses = 0;
+                        s->stats.compressed_blocks++;
+                        s->zstd.wire += n;
+                        return queue_frame(s, slot, MIGRATE_BLOCK_ZSTD, id, 8, out, n);
+                }
+                s->compress_misses = MIN(s->compress_misses + 1, 6u);
+                s->compress_skip = (1u << s->compress_misses) - 1;
+        }
+        s->zstd.wire += len;
+        return queue_frame(s, slot, MIGRATE_BLOCK, id, 8, data, len);
+}
+
 /* Queue one block in its smallest form, starting its dirty tracking as it is read. */
 static int send_block(struct source *s, size_t di, uint64_t block) {
         const struct migrate_source_device *sd = &s->cfg->devices[di];
         struct block_device *dev = sd->dev;
         struct slot *slot = &s->slots[s->queued];
         size_t len = block_device_block_length(dev, block);
-        uint64_t off = block * dev->block_size;
+        uint64_t off = block * dev->block_size, t0 = clock_now_ns(), written = s->write_ns;
         /* Straight from the device's memory when it has some (no copy), else through a read. */
         const uint8_t *data = dirty_tracker_inner(dev) ? dirty_tracker_map_tracked(dev, len, off)
                                                        : block_device_map(dev, len, off);
@@ -236,28 +337,14 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
         uint8_t *prefix = slot->head + MIGRATE_HEADER_SIZE;
         if ((s->caps & MIGRATE_CAP_ZERO_RUNS) && buffer_is_zero(data, len)) {
                 s->stats.zero_blocks++;
-                return queue_frame(s, slot, MIGRATE_BLOCK_ZERO, id, migrate_encode_range(prefix, block, 1), NULL, 0);
+                return queue_frame(s, slot, MIGRATE_BLOCK_ZERO, id, migrate_encode_range(prefix, block, 1),
+                                   NULL, 0);
         }
         migrate_encode_block_index(prefix, block);
-        /* Compression costs more than it saves on incompressible data: after misses in a row,
-         * try again only every so often (backing off up to every 64th block). A block read into
-         * the slot's buffer is compressed from it into the same buffer's second half. */
-        bool try_zstd = s->cctx && !s->raw_only;
-        if (try_zstd && s->compress_skip > 0) {
-                s->compress_skip--;
-        } else if (try_zstd) {
-                uint8_t *out = data == slot->buf ? slot->buf + len : slot->buf;
-                size_t cap = data == slot->buf ? s->buf_cap - len : s->buf_cap;
-                size_t n = ZSTD_compressCCtx(s->cctx, out, cap, data, len, 1);
-                if (!ZSTD_isError(n) && n < len - len / 8) {
-                        s->compress_misses = 0;
-                        s->stats.compressed_blocks++;
-                        return queue_frame(s, slot, MIGRATE_BLOCK_ZSTD, id, 8, out, n);
-                }
-                s->compress_misses = MIN(s->compress_misses + 1, 6u);
-                s->compress_skip = (1u << s->compress_misses) - 1;
-        }
-        return queue_frame(s, slot, MIGRATE_BLOCK, id, 8, data, len);
+        int r = queue_data_block(s, slot, id, data, len);
+        if (s->cctx && !s->raw_only)
+                zstd_choice_note(s, len, clock_now_ns() - t0 - (s->write_ns - written));
+        return r;
 }
 
 /* Serve the destination's NEED_AT requests. In post-copy only blocks still pending are sent
@@ -827,6 +914,7 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         s.iov = calloc(2 * s.slot_count, sizeof(*s.iov));
         if (cfg->compress)
                 s.cctx = ZSTD_createCCtx();
+        s.zstd.on = true;
         if (s.sent && s.pending && s.s3left && s.s3_paused && s.slots && s.iov && (!cfg->compress || s.cctx)) {
                 r = 0;
                 for (size_t i = 0; i < cfg->count && r == 0; i++)
@@ -836,6 +924,12 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         }
         if (r == 0)
                 r = run(&s);
+        if (s.cctx)
+                log_debug("migration: blocks made at %.0f MB/s raw, %.0f MB/s compressed (to %.0f%%); link "
+                          "%.0f MB/s "
+                          "(0: not the bottleneck); %u windows timed%s",
+                          s.zstd.cpu[0] * 1e3, s.zstd.cpu[1] * 1e3, s.zstd.ratio * 100, s.zstd.link * 1e3,
+                          s.zstd.windows, s.zstd.no_tcp_info ? ", no TCP_INFO: always compressed" : "");
         if (r < 0) {
                 /* Tell the destination why (if it still listens), then stop the reader. */
                 char why[MIGRATE_MAX_MESSAGE + 1];
