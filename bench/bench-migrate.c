@@ -105,7 +105,7 @@ static double migrate_seconds(uint8_t *data, uint64_t size, bool compress, bool 
         pthread_create(&t, NULL, destination, &a);
         int fd;
         check(transport_connect(addr, 5000, &fd), "connect");
-        struct migrate_source_device sd = {"disk", dev, NULL, NULL, 0, 0, 0, 0, NULL, NULL};
+        struct migrate_source_device sd = {"disk", dev, NULL, NULL, 0, 0, 0, 0, NULL, NULL, false};
         struct migrate_source_config cfg = {.devices = &sd, .count = 1, .compress = compress};
         uint64_t t0 = clock_now_ns();
         if (secure)

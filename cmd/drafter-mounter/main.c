@@ -254,7 +254,8 @@ static int serve(struct mounter *m, const char *laddr, int sigfd) {
                                                          m->vm[i],          only,
                                                          c->max_dirty_blocks, c->min_cycles,
                                                          c->max_cycles,     c->cycle_throttle_ns,
-                                                         NULL,              m->s3[i] ? &m->s3[i]->src : NULL};
+                                                         NULL,              m->s3[i] ? &m->s3[i]->src : NULL,
+                                                         false};
         }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = m->count,

@@ -34,6 +34,10 @@ struct migrate_source_device {
         const struct bitmap *zero;      /* lazy: blocks known to be all zeros, sent as zero runs ahead of the
                                          * hand-over (NULL: none known) */
         const struct migrate_source_s3 *s3; /* NULL: not in S3 (ignored for sharedbase and lazy) */
+        /* While the VM is paused its final blocks go first, all of them, then EVENT FINAL: for a
+         * small device the destination reads before it resumes (the VM's state), so it can start
+         * on it while the rest of the final set follows. */
+        bool final_first;
 };
 
 struct migrate_source_config {
@@ -103,6 +107,9 @@ struct migrate_destination_config {
          * go missing again (a DIRTY list). on_authority is called on the same thread. */
         void (*on_blocks)(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero);
         void (*on_dirty)(void *ctx, size_t index, uint64_t block);
+        /* Optional, on the receiving thread: device `index` holds its final contents (EVENT
+         * FINAL, checked: no block missing) ahead of the hand-over. */
+        void (*on_final)(void *ctx, size_t index, const char *name);
 };
 
 struct migrate_destination;

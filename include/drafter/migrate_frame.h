@@ -41,6 +41,7 @@ enum migrate_capability {
         /* Announced by a source only: a lazy migration (drafter-registry), the hand-over right
          * after the handshake and every block on demand or after it. */
         MIGRATE_CAP_LAZY = 1u << 4,
+        MIGRATE_CAP_FINAL = 1u << 5, /* EVENT FINAL */
 };
 
 enum migrate_device_flag {
@@ -72,6 +73,9 @@ enum migrate_event {
         MIGRATE_EVENT_COMPLETED_ACK = 6,
         MIGRATE_EVENT_BARRIER = 7,     /* src: answer once everything sent before this is applied */
         MIGRATE_EVENT_BARRIER_ACK = 8, /* dst */
+        /* src, per device, while the VM is paused: every block of its final contents has been
+         * sent and no DIRTY list follows for it (the destination may read it whole now). */
+        MIGRATE_EVENT_FINAL = 9,
 };
 
 struct migrate_device_info {

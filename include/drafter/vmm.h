@@ -85,6 +85,11 @@ int vmm_save_state(struct vmm *vm, const char *state_path);
  * non-empty) against the memory file; the VM stays paused until vmm_resume(). A failed load
  * leaves the QEMU process waiting: vmm_stop()/vmm_free() it. */
 int vmm_restore(struct vmm *vm, const char *state_path);
+/* vmm_restore() in two steps: start the load (QEMU reads the file on its own) and return;
+ * vmm_restore_wait() waits for it to end, with vmm_restore()'s result. The file must stay until
+ * then. Between the two, only vmm_stop()/vmm_free() may be called. */
+int vmm_restore_start(struct vmm *vm, const char *state_path);
+int vmm_restore_wait(struct vmm *vm);
 /* "quit" over QMP (up to 3 s), then SIGTERM (2 s), then SIGKILL; reaps the process and removes
  * its sockets. Idempotent; returns 0 and keeps the current error message, so error paths can
  * call it. */

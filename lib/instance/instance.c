@@ -398,6 +398,9 @@ struct instance {
          * set once the mount is up, freed just before the VM runs; under `lock`. */
         struct page_warmer *warmer;
         size_t warm_index; /* the memory device in the migration's table */
+        /* Receiving, under `lock`: the source said the state and config devices are final (EVENT
+         * FINAL); the state load started ahead of the hand-over. */
+        bool state_final, config_final, restore_started;
         pthread_mutex_t lock;
         pthread_cond_t changed;
         bool authority; /* a migration gave us the devices */
@@ -578,10 +581,8 @@ static void stop_warmer(struct instance *inst) {
         pthread_mutex_unlock(&inst->lock);
 }
 
-/* The exact state stream out of its padded device, loaded; the VM runs; AfterResume. */
-static int restore_and_resume(struct instance *inst, uint64_t since) {
-        inst->t_handover = MS_SINCE(inst->t0);
-        mark_at(inst, "handover", since);
+/* The exact state stream out of its padded device, into a file QEMU starts loading. */
+static int start_restore(struct instance *inst) {
         char raw[4200];
         snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
         _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
@@ -589,13 +590,21 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         /* In the downtime: no fsync for a file only this QEMU reads. */
         if (r < 0 || (r = fs_write_file_replace(raw, buf, inst->cfg.state_bytes)) < 0)
                 return r;
-        uint64_t t = clock_now_ns();
-        mark_at(inst, "stateRead", t);
-        if ((r = vmm_restore(inst->vm, raw)) < 0)
+        mark(inst, "stateRead");
+        return vmm_restore_start(inst->vm, raw);
+}
+
+/* The state loaded (its load started here, or ahead of the hand-over); the VM runs; AfterResume. */
+static int restore_and_resume(struct instance *inst, uint64_t since) {
+        inst->t_handover = MS_SINCE(inst->t0);
+        mark_at(inst, "handover", since);
+        int r;
+        if ((!inst->restore_started && (r = start_restore(inst)) < 0) || (r = vmm_restore_wait(inst->vm)) < 0)
                 return r;
         inst->t_restored = MS_SINCE(inst->t0);
         mark(inst, "stateLoaded");
-        log_debug("state load %.1f ms", MS_SINCE(t));
+        log_debug("state %s %.1f ms after the hand-over", inst->restore_started ? "load ended" : "read and loaded",
+                  MS_SINCE(since));
         /* From now on the VM writes its pages: a late copy into the page cache would undo that. */
         stop_warmer(inst);
         if ((r = vmm_resume(inst->vm)) < 0)
@@ -673,6 +682,30 @@ static int open_received(void *ctx, const struct migrate_device_info *info, stru
 
 /* A failure while the devices stream in is usually the migration's: say that, with what we were
  * doing when a read of a block that will never come failed. */
+/* After the hand-over, what never arrived is gone with the source: name it (the VM's own reads
+ * of it, QEMU's through FUSE, fail with less to say: a bus error). */
+static int name_lost_blocks(struct instance *inst, int r) {
+        char lost[768] = "";
+        size_t used = 0;
+        for (size_t i = 0; i < migrate_destination_device_count(inst->dest) && used < sizeof(lost); i++) {
+                struct block_device *dev = migrate_destination_device(inst->dest, i);
+                uint64_t missing = waiting_cache_missing(dev), first = 0;
+                if (missing == 0)
+                        continue;
+                while (first < block_device_block_count(dev) && waiting_cache_present(dev, first))
+                        first++;
+                used += (size_t)snprintf(lost + used, sizeof(lost) - used,
+                                         "%s%s: block %" PRIu64 " is not available (%" PRIu64 " blocks never arrived)",
+                                         used ? "; " : "", migrate_destination_device_info(inst->dest, i)->name, first,
+                                         missing);
+        }
+        if (used == 0)
+                return r;
+        char why[1024];
+        snprintf(why, sizeof(why), "%s", error_message());
+        return error_set(r, "%s; %s", why, lost);
+}
+
 static int receive_failed(struct instance *inst, int r) {
         for (int i = 0; i < 200 && inst->dest && !migrate_destination_finished(inst->dest); i++)
                 clock_sleep_ns(10 * NSEC_PER_MSEC);
@@ -688,6 +721,8 @@ static int receive_failed(struct instance *inst, int r) {
                         error_set(r, "%s", what);
                 }
         }
+        if (inst->dest && inst->authority)
+                r = name_lost_blocks(inst, r);
         return fail_instance(inst, r);
 }
 
@@ -732,6 +767,19 @@ static void start_warmer(struct instance *inst) {
         page_warmer_free(w);
 }
 
+/* The state and config devices are final ahead of the hand-over: the receiving loop starts
+ * the state load (instance_receive()). */
+static void on_final(void *ctx, size_t index, const char *name) {
+        struct instance *inst = ctx;
+        pthread_mutex_lock(&inst->lock);
+        if (strcmp(name, inst->devices->devices[inst->state].name) == 0)
+                inst->state_final = true;
+        if (strcmp(name, inst->devices->devices[inst->config].name) == 0)
+                inst->config_final = true;
+        pthread_cond_broadcast(&inst->changed);
+        pthread_mutex_unlock(&inst->lock);
+}
+
 /* The warmer goes on through the state load (blocks that follow the hand-over are cached as
  * they land) and stops just before the VM runs: restore_and_resume(). */
 static int on_authority(void *ctx) {
@@ -760,7 +808,8 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                                                   .ctx = inst,
                                                   .disable_postcopy = disable_postcopy,
                                                   .on_blocks = on_blocks,
-                                                  .on_dirty = on_dirty};
+                                                  .on_dirty = on_dirty,
+                                                  .on_final = on_final};
         if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
                 return fail_instance(inst, r);
         inst->lazy = migrate_destination_lazy(inst->dest);
@@ -791,6 +840,19 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
         pthread_mutex_lock(&inst->lock);
         while (!inst->authority) {
+                if (inst->state_final && inst->config_final && !inst->restore_started) {
+                        /* QEMU loads the state while the rest of the final set follows. A load
+                         * that fails gives the migration up: the source resumes its VM. */
+                        inst->restore_started = true;
+                        pthread_mutex_unlock(&inst->lock);
+                        log_debug("state final ahead of the hand-over: loading it");
+                        if ((r = load_config(inst)) < 0 || (r = start_restore(inst)) < 0) {
+                                migrate_destination_abort(inst->dest);
+                                return receive_failed(inst, r);
+                        }
+                        pthread_mutex_lock(&inst->lock);
+                        continue;
+                }
                 struct timespec ts;
                 clock_deadline_after(100 * NSEC_PER_MSEC, &ts);
                 pthread_cond_timedwait(&inst->changed, &inst->lock, &ts);
@@ -805,7 +867,7 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         pthread_mutex_unlock(&inst->lock);
         uint64_t handover = clock_now_ns();
         /* The source rewrote config.json with the final state's size. */
-        if ((r = load_config(inst)) < 0 || (r = restore_and_resume(inst, handover)) < 0)
+        if ((!inst->restore_started && (r = load_config(inst)) < 0) || (r = restore_and_resume(inst, handover)) < 0)
                 return receive_failed(inst, r);
         *ret = inst;
         return 0;
@@ -871,7 +933,9 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                                                                    c->max_cycles,
                                                                    c->cycle_throttle_ns,
                                                                    NULL,
-                                                                   inst->s3[i] ? &inst->s3[i]->src : NULL};
+                                                                   inst->s3[i] ? &inst->s3[i]->src : NULL,
+                                                                   /* read before the VM resumes */
+                                                                   i == inst->state || i == inst->config};
                 }
         struct migrate_source_config cfg = {.devices = devs,
                                             .count = devices->count,

@@ -48,6 +48,7 @@ struct destination {
         bool *taken;                /* handed to the caller: not ours to close */
         struct need_ctx *need_ctx;
         bool *completed;
+        bool *final; /* EVENT FINAL came for it: no DIRTY may follow */
         size_t completed_count;
         pthread_mutex_t write_lock;
         pthread_t thread;
@@ -257,6 +258,9 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
         case MIGRATE_DIRTY:
                 if (d->authority)
                         return error_set(-EPROTO, "migration: DIRTY after authority transfer");
+                if (d->final[m->device])
+                        return error_set(-EPROTO, "migration: DIRTY for device \"%s\" after its FINAL",
+                                         d->table.devices[m->device].name);
                 for (uint32_t i = 0; i < m->dirty.count; i++) {
                         uint64_t b;
                         memcpy(&b, m->dirty.blocks + 8 * i, 8);
@@ -280,6 +284,19 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                                 d->authority_pending = true;
                         else
                                 r = take_authority(d);
+                        break;
+                case MIGRATE_EVENT_FINAL:
+                        if (d->authority || d->final[m->device])
+                                return error_set(-EPROTO, "migration: FINAL for device \"%s\" %s",
+                                                 d->table.devices[m->device].name,
+                                                 d->authority ? "after authority transfer" : "twice");
+                        if (waiting_cache_missing(d->devs[m->device]) > 0)
+                                return error_set(-EPROTO, "migration: FINAL for device \"%s\" with %" PRIu64
+                                                 " blocks still missing", d->table.devices[m->device].name,
+                                                 waiting_cache_missing(d->devs[m->device]));
+                        d->final[m->device] = true;
+                        if (d->cfg.on_final)
+                                d->cfg.on_final(d->cfg.ctx, m->device, d->table.devices[m->device].name);
                         break;
                 case MIGRATE_EVENT_COMPLETED:
                         /* Never trust a completion that leaves holes (beyond blocks still coming
@@ -489,7 +506,7 @@ static int handshake(struct destination *d) {
         int r = send_frame(d, MIGRATE_HELLO, MIGRATE_CONNECTION, p,
                            migrate_encode_hello(p, MIGRATE_ROLE_DESTINATION,
                                                 MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD | MIGRATE_CAP_BARRIER |
-                                                        MIGRATE_CAP_S3));
+                                                        MIGRATE_CAP_S3 | MIGRATE_CAP_FINAL));
         if (r < 0)
                 return r;
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)
@@ -520,8 +537,9 @@ static int handshake(struct destination *d) {
         d->devs = calloc(n ? n : 1, sizeof(*d->devs));
         d->need_ctx = calloc(n ? n : 1, sizeof(*d->need_ctx));
         d->completed = calloc(n ? n : 1, sizeof(bool));
+        d->final = calloc(n ? n : 1, sizeof(bool));
         d->taken = calloc(n ? n : 1, sizeof(bool));
-        if (!d->devs || !d->need_ctx || !d->completed || !d->taken)
+        if (!d->devs || !d->need_ctx || !d->completed || !d->final || !d->taken)
                 return -ENOMEM;
         for (size_t i = 0; i < n; i++) {
                 const struct migrate_device_info *info = &d->table.devices[i];
@@ -577,6 +595,7 @@ void migrate_destination_free(struct migrate_destination *dest) {
         free(d->taken);
         free(d->need_ctx);
         free(d->completed);
+        free(d->final);
         free(d->block_buf);
         ZSTD_freeDCtx(d->dctx);
         close(d->fd);

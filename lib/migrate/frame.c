@@ -245,6 +245,7 @@ int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_devi
                 switch (m.event) {
                 case MIGRATE_EVENT_BULK_DONE:
                 case MIGRATE_EVENT_COMPLETED:
+                case MIGRATE_EVENT_FINAL:
                         if (!from_source || !d)
                                 return BAD("event %u must come from the source for a device", m.event);
                         break;

@@ -639,6 +639,7 @@ static int handshake(struct source *s) {
         uint8_t p[20];
         struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
                                                     MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER |
+                                                            MIGRATE_CAP_FINAL |
                                                             (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0) |
                                                             (s->cfg->lazy ? MIGRATE_CAP_LAZY : 0))};
         int r = send_frame(s, MIGRATE_HELLO, MIGRATE_CONNECTION, &iov, 1);
@@ -660,6 +661,7 @@ static int handshake(struct source *s) {
                 return error_set(-EPROTO, "migration: destination speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
         s->caps = m.hello.capabilities & (MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER | MIGRATE_CAP_S3 |
+                                          MIGRATE_CAP_FINAL |
                                           (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
         if ((r = prepare_s3(s)) < 0)
                 return r;
@@ -746,6 +748,25 @@ static int send_known_zeros(struct source *s, size_t di) {
         return 0;
 }
 
+/* The final blocks of the devices the destination reads before it resumes, ahead of the rest,
+ * then FINAL for each: it can load the VM's state while the rest of the final set follows. */
+static int send_final_first(struct source *s) {
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                if (!s->cfg->devices[di].final_first)
+                        continue;
+                struct bitmap *p = &s->pending[di];
+                for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
+                        int r = bitmap_test_and_clear(p, b) ? send_block(s, di, b) : 0;
+                        if (r < 0)
+                                return r;
+                }
+                int r = (s->caps & MIGRATE_CAP_FINAL) ? send_event(s, s->table.devices[di].id, MIGRATE_EVENT_FINAL) : 0;
+                if (r < 0)
+                        return r;
+        }
+        return flush_blocks(s);
+}
+
 /* Everything before the hand-over: bulk pass, dirty cycles, barrier, suspend, the final set
  * (pushed, or listed for post-copy). */
 static int precopy(struct source *s) {
@@ -803,13 +824,16 @@ static int precopy(struct source *s) {
                         bitmap_set(&s->pending[di], blocks[i]);
                 free(blocks);
                 s->stats.final_dirty_blocks += bitmap_count(&s->pending[di]);
-                final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
+                if (!s->cfg->devices[di].final_first)
+                        final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
         }
+        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
+        if ((r = send_final_first(s)) < 0)
+                return r;
         /* While the VM is paused: zstd only where the link is slower than it, and the final
          * blocks pushed ahead of the hand-over when the link moves them quicker than the
          * destination could ask for them one fault at a time; else their list goes ahead and
          * they follow the hand-over (post-copy). */
-        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
         bool push = s->cfg->push_budget_ns &&
                     final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
         log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,

@@ -58,7 +58,11 @@ struct vmm {
         int wait_status; /* once reaped */
         struct qmp *qmp;
         bool incoming; /* started with -incoming, not restored yet */
-        bool ignore_shared; /* x-ignore-shared is set (QEMU keeps capabilities once set) */
+        bool ignore_shared; /* x-ignore-shared and events are set (QEMU keeps capabilities once set) */
+        /* A load started by vmm_restore_start(): */
+        bool restoring;
+        uint64_t restore_t0, restore_log_from, restore_bytes;
+        char *restore_path;
         const char *accelerator;
         char *runtime_dir;
         char *qmp_path;
@@ -780,6 +784,7 @@ void vmm_free(struct vmm *vm) {
                 free(vm->ports[i].name);
                 free(vm->ports[i].path);
         }
+        free(vm->restore_path);
         free(vm->runtime_dir);
         free(vm->qmp_path);
         free(vm->log_path);
@@ -813,8 +818,10 @@ int vmm_status(struct vmm *vm, const char **ret_status) {
 static int vmm_set_ignore_shared(struct vmm *vm) {
         if (vm->ignore_shared)
                 return 0;
-        json_auto_t *args =
-                json_pack("{s:[{s:s, s:b}]}", "capabilities", "capability", "x-ignore-shared", "state", 1);
+        /* events: MIGRATION events tell when a save or load ends, so no query-migrate polls cut
+         * into QEMU's main loop while it loads (QMP reads commands a byte at a time). */
+        json_auto_t *args = json_pack("{s:[{s:s, s:b}, {s:s, s:b}]}", "capabilities", "capability",
+                                      "x-ignore-shared", "state", 1, "capability", "events", "state", 1);
         if (!args)
                 return -ENOMEM;
         int r = vmm_qmp(vm, "migrate-set-capabilities", args, NULL);
@@ -828,33 +835,49 @@ static json_t *file_channel_args(const char *path) {
                          "transport", "file", "filename", path, "offset", 0);
 }
 
-/* Poll query-migrate until the migration (outgoing, or incoming on a -incoming VM) ends.
- * On failure the message is "<what>: <QEMU's error-desc>[: <QEMU's log since log_from>]". */
+/* Forget MIGRATION events of earlier migrations before starting one. */
+static void vmm_drop_migration_events(struct vmm *vm) {
+        while (qmp_wait_event(vm->qmp, "MIGRATION", 0, NULL) == 0)
+                ;
+        error_clear();
+}
+
+static int vmm_migration_failed(struct vmm *vm, const char *what, uint64_t log_from, const char *status) {
+        json_auto_t *info = NULL;
+        const char *desc = NULL;
+        if (vmm_qmp(vm, "query-migrate", NULL, &info) >= 0)
+                desc = json_string_value(json_object_get(info, "error-desc"));
+        char tail[VMM_LOG_TAIL_MAX + 64];
+        log_tail(vm->log_path, log_from, tail, sizeof(tail));
+        return error_set(-EIO, "%s: %s%s%s", what, desc ? desc : status, *tail ? ": " : "", tail);
+}
+
+/* Wait for the MIGRATION event that ends the migration (outgoing, or incoming on a -incoming
+ * VM). On failure the message is "<what>: <QEMU's error-desc>[: <QEMU's log since log_from>]". */
 static int vmm_wait_migration(struct vmm *vm, const char *what, uint64_t log_from) {
         uint64_t deadline = clock_now_ns() + VMM_MIGRATION_TIMEOUT_NS;
+        char status[32] = "unknown";
         for (;;) {
-                json_auto_t *info = NULL;
-                int r = vmm_qmp(vm, "query-migrate", NULL, &info);
-                if (r < 0)
-                        return error_prefix(r, "%s", what);
-                const char *status = json_string_value(json_object_get(info, "status"));
-                if (status && strcmp(status, "completed") == 0)
-                        return 0;
-                if (status && (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0)) {
-                        const char *desc = json_string_value(json_object_get(info, "error-desc"));
-                        char tail[VMM_LOG_TAIL_MAX + 64];
-                        log_tail(vm->log_path, log_from, tail, sizeof(tail));
-                        return error_set(-EIO, "%s: %s%s%s", what, desc ? desc : status, *tail ? ": " : "",
-                                         tail);
-                }
-                if (clock_now_ns() >= deadline) {
+                uint64_t now = clock_now_ns();
+                json_auto_t *data = NULL;
+                int r = now < deadline ? qmp_wait_event(vm->qmp, "MIGRATION", deadline - now, &data) : -ETIMEDOUT;
+                if (r == -ETIMEDOUT) {
                         if (vmm_qmp(vm, "migrate_cancel", NULL, NULL) < 0)
                                 log_debug("qemu: migrate_cancel: %s", error_message());
-                        return error_set(-ETIMEDOUT, "%s: QEMU did not finish within %llu s (status %s)",
-                                         what, VMM_MIGRATION_TIMEOUT_NS / NSEC_PER_SEC,
-                                         status ? status : "unknown");
+                        return error_set(-ETIMEDOUT, "%s: QEMU did not finish within %llu s (status %s)", what,
+                                         VMM_MIGRATION_TIMEOUT_NS / NSEC_PER_SEC, status);
                 }
-                clock_sleep_ns(VMM_MIGRATION_POLL_NS);
+                if (r < 0) {
+                        if (r == -ECONNRESET && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC))
+                                return vmm_exit_error(vm, r, 0, what);
+                        return error_prefix(r, "%s", what);
+                }
+                const char *s = json_string_value(json_object_get(data, "status"));
+                snprintf(status, sizeof(status), "%s", s ? s : "unknown");
+                if (strcmp(status, "completed") == 0)
+                        return 0;
+                if (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0)
+                        return vmm_migration_failed(vm, what, log_from, status);
         }
 }
 
@@ -897,6 +920,7 @@ static int save_state(struct vmm *vm, const char *state_path, bool durable) {
         json_auto_t *args = file_channel_args(tmp);
         char what[1024];
         snprintf(what, sizeof(what), "snapshot: writing state file %s", state_path);
+        vmm_drop_migration_events(vm);
         if (!args)
                 r = -ENOMEM;
         else if ((r = vmm_qmp(vm, "migrate", args, NULL)) < 0)
@@ -930,8 +954,8 @@ int vmm_save_state(struct vmm *vm, const char *state_path) {
         return save_state(vm, state_path, false);
 }
 
-int vmm_restore(struct vmm *vm, const char *state_path) {
-        if (!vm->incoming)
+int vmm_restore_start(struct vmm *vm, const char *state_path) {
+        if (!vm->incoming || vm->restoring)
                 return error_set(-EINVAL,
                                  "restore: the VM was not started incoming, or has been restored already");
         struct stat st;
@@ -945,18 +969,31 @@ int vmm_restore(struct vmm *vm, const char *state_path) {
         int r = vmm_set_ignore_shared(vm);
         if (r < 0)
                 return error_prefix(r, "restore");
-        uint64_t t0 = clock_now_ns();
-        uint64_t log_from = file_size_or_zero(vm->log_path);
+        free(vm->restore_path);
+        if (!(vm->restore_path = strdup(state_path)))
+                return -ENOMEM;
+        vm->restore_t0 = clock_now_ns();
+        vm->restore_log_from = file_size_or_zero(vm->log_path);
+        vm->restore_bytes = (uint64_t)st.st_size;
         json_auto_t *args = file_channel_args(state_path);
         /* Without exit-on-error=false a failed load makes QEMU exit, and query-migrate could
          * not tell us why. */
         if (!args || json_object_set_new(args, "exit-on-error", json_false()) < 0)
                 return -ENOMEM;
+        vmm_drop_migration_events(vm);
         if ((r = vmm_qmp(vm, "migrate-incoming", args, NULL)) < 0)
                 return error_prefix(r, "restore: state file %s", state_path);
+        vm->restoring = true;
+        return 0;
+}
+
+int vmm_restore_wait(struct vmm *vm) {
+        if (!vm->restoring)
+                return error_set(-EINVAL, "restore: no load was started");
         char what[1024];
-        snprintf(what, sizeof(what), "restore: cannot load state file %s", state_path);
-        if ((r = vmm_wait_migration(vm, what, log_from)) < 0)
+        snprintf(what, sizeof(what), "restore: cannot load state file %s", vm->restore_path);
+        int r = vmm_wait_migration(vm, what, vm->restore_log_from);
+        if (r < 0)
                 return r;
         /* "completed" may come a moment before QEMU leaves the inmigrate run state. */
         uint64_t deadline = clock_now_ns() + VMM_START_TIMEOUT_NS;
@@ -969,13 +1006,18 @@ int vmm_restore(struct vmm *vm, const char *state_path) {
                 if (clock_now_ns() >= deadline)
                         return error_set(-ETIMEDOUT,
                                          "restore: state file %s loaded, but QEMU is still in inmigrate",
-                                         state_path);
+                                         vm->restore_path);
                 clock_sleep_ns(VMM_MIGRATION_POLL_NS);
         }
-        vm->incoming = false;
-        log_debug("qemu: restored %s (%" PRIu64 " bytes) in %.1f ms", state_path, (uint64_t)st.st_size,
-                  (clock_now_ns() - t0) / 1e6);
+        vm->incoming = vm->restoring = false;
+        log_debug("qemu: restored %s (%" PRIu64 " bytes) in %.1f ms", vm->restore_path, vm->restore_bytes,
+                  (clock_now_ns() - vm->restore_t0) / 1e6);
         return 0;
+}
+
+int vmm_restore(struct vmm *vm, const char *state_path) {
+        int r = vmm_restore_start(vm, state_path);
+        return r < 0 ? r : vmm_restore_wait(vm);
 }
 
 /* ---- accessors ---- */

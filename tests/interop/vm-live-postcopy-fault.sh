@@ -2,8 +2,10 @@
 # The source of a live migration dies after handing the VM over, before the post-copy blocks
 # arrive: a proxy passes the source's frames up to AUTHORITY and then stalls the link, and the
 # source is SIGKILLed. The destination owns the VM now but lacks blocks only the source had (the
-# suspended VM's state and config among them): it must fail with an error that names the device
-# and the block it could not get, exit non-zero, and leave no QEMU process or mount behind
+# final memory blocks; the VM's state and config came ahead of AUTHORITY, with EVENT FINAL, so
+# QEMU is already loading it and dies of a bus error on a missing page): it must fail with an
+# error that names the device and the block it could not get, exit non-zero, and leave no QEMU
+# process or mount behind
 # (docs/protocol.md, "When the connection breaks": the known limit of post-copy).
 . "$(dirname "$0")/lib.sh"
 need qemu-system-x86_64 python3

@@ -95,6 +95,15 @@ static void test_round_trips(void **state) {
         assert_ok(migrate_frame_parse(&f, &table, true, &m));
         assert_int_equal(m.event, MIGRATE_EVENT_AUTHORITY);
 
+        /* FINAL: from the source, for a device; nothing else. */
+        n = migrate_encode_event(p, MIGRATE_EVENT_FINAL);
+        round_trip(sv, MIGRATE_EVENT, 9, p, n, &buf, &cap, &f);
+        assert_ok(migrate_frame_parse(&f, &table, true, &m));
+        assert_int_equal(m.event, MIGRATE_EVENT_FINAL);
+        assert_int_equal(migrate_frame_parse(&f, &table, false, &m), -EBADMSG);
+        round_trip(sv, MIGRATE_EVENT, MIGRATE_CONNECTION, p, n, &buf, &cap, &f);
+        assert_int_equal(migrate_frame_parse(&f, &table, true, &m), -EBADMSG);
+
         n = migrate_encode_error(p, -ENOSPC, "disk: overlay out/overlay/disk: No space left\non device");
         round_trip(sv, MIGRATE_ERROR, MIGRATE_CONNECTION, p, n, &buf, &cap, &f);
         assert_ok(migrate_frame_parse(&f, &table, false, &m));

@@ -256,7 +256,7 @@ static void test_hostile_destination(void **state) {
                 pthread_t t;
                 assert_int_equal(pthread_create(&t, NULL, fake_destination, &f), 0);
                 /* Slow cycles, so the bad frame arrives while the source is still working. */
-                struct migrate_source_device sd = {"disk", dev, NULL, NULL, 0, 0, 0, 0, NULL, NULL};
+                struct migrate_source_device sd = {"disk", dev, NULL, NULL, 0, 0, 0, 0, NULL, NULL, false};
                 struct migrate_source_config cfg = {.devices = &sd, .count = 1};
                 struct migrate_stats st;
                 int r = migrate_source_run(sv[0], &cfg, &st);

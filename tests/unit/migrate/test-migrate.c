@@ -46,7 +46,13 @@ struct world {
         unsigned char *dest_seen; /* what the destination read right after authority */
         uint64_t longest_wait_ns;
         int dest_read_result;
+        bool authority_seen;
+        unsigned final_calls;
+        unsigned char *final_copy; /* the FINAL_DEVICE as the destination read it on FINAL */
 };
+
+/* The disk's final blocks go first, then FINAL: it is written up to the suspend, so it has some. */
+#define FINAL_DEVICE 1
 
 static void *writer(void *arg) {
         struct world *w = arg;
@@ -100,8 +106,24 @@ static void *read_everything(void *arg) {
         return NULL;
 }
 
+/* On the receiving thread, ahead of the hand-over: the device must read whole and final now
+ * (a missing block would wait for this very thread). */
+static void final_hook(void *ctx, size_t index, const char *name) {
+        struct world *w = ctx;
+        w->final_calls++;
+        if (index != FINAL_DEVICE || strcmp(name, shapes[index].name) != 0 || w->authority_seen || w->final_copy)
+                return; /* counted: the test fails on it */
+        w->final_copy = malloc(shapes[index].size);
+        if (w->final_copy &&
+            block_device_read_at(migrate_destination_device(w->dest, index), w->final_copy, shapes[index].size, 0) < 0) {
+                free(w->final_copy);
+                w->final_copy = NULL;
+        }
+}
+
 static int authority_hook(void *ctx) {
         struct world *w = ctx;
+        w->authority_seen = true;
         if (w->read_all_at_authority) {
                 w->dest_seen = malloc(shapes[0].size);
                 if (!w->dest_seen || pthread_create(&w->dest_reader, NULL, read_everything, w) != 0)
@@ -165,7 +187,8 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                 }
                 assert_ok(dirty_tracker_wrap(vdev, DIRTY_TRACK_AFTER_READ, &w.src[i]));
                 w.sdev[i] = (struct migrate_source_device){shapes[i].name, w.src[i], w.vm[i], NULL, max_dirty,
-                                                           min_cycles, max_cycles, throttle_ns, NULL, NULL};
+                                                           min_cycles, max_cycles, throttle_ns, NULL, NULL,
+                                                           i == FINAL_DEVICE};
         }
         assert_int_equal(pthread_create(&w.writer, NULL, writer, &w), 0);
         w.writer_running = true;
@@ -184,6 +207,7 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
         assert_int_equal(pthread_create(&st, NULL, run_source, &src), 0);
         struct migrate_destination_config dcfg = {.open_device = open_dest_device,
                                                   .on_authority = authority_hook,
+                                                  .on_final = final_hook,
                                                   .ctx = &w,
                                                   .disable_postcopy = disable_postcopy,
                                                   .read_timeout_ns = 10 * NSEC_PER_SEC};
@@ -210,6 +234,11 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                         if (memcmp(a + off, b + off, len) != 0)
                                 fail_msg("device %s block %llu differs after migration", shapes[i].name,
                                          (unsigned long long)blk);
+                }
+                if (i == FINAL_DEVICE) {
+                        assert_int_equal(w.final_calls, 1);
+                        assert_non_null(w.final_copy);
+                        assert_memory_equal(w.final_copy, a, shapes[i].size);
                 }
                 if (i == 0 && w.dest_seen) {
                         assert_int_equal(w.dest_read_result, 0);
@@ -242,6 +271,7 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                 assert_int_equal(src.stats.cycles, 0);
         migrate_destination_free(w.dest);
         free(w.dest_seen);
+        free(w.final_copy);
         close(sv[0]);
         for (int i = 0; i < NDEV; i++) {
                 block_device_close(w.src[i]);
