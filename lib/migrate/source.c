@@ -828,8 +828,6 @@ static int precopy(struct source *s) {
                         final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
         }
         s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
-        if ((r = send_final_first(s)) < 0)
-                return r;
         /* While the VM is paused: zstd only where the link is slower than it, and the final
          * blocks pushed ahead of the hand-over when the link moves them quicker than the
          * destination could ask for them one fault at a time; else their list goes ahead and
@@ -838,13 +836,16 @@ static int precopy(struct source *s) {
                     final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
         log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,
                   push ? "pushed ahead of the hand-over" : "after the hand-over");
-        for (size_t di = 0; di < s->cfg->count; di++) {
+        /* The lists go first even when the blocks follow at once: the destination starts
+         * reading (QEMU loads the state, which reads guest RAM) once the final-first devices
+         * are FINAL, and an older copy of a block must not be there to read by then. */
+        for (size_t di = 0; di < s->cfg->count; di++)
+                if (!s->cfg->devices[di].final_first && (r = send_dirty_list(s, di)) < 0)
+                        return r;
+        if ((r = send_final_first(s)) < 0)
+                return r;
+        for (size_t di = 0; di < s->cfg->count && push; di++) {
                 struct bitmap *p = &s->pending[di];
-                if (!push) {
-                        if ((r = send_dirty_list(s, di)) < 0)
-                                return r;
-                        continue;
-                }
                 for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1))
                         if (bitmap_test_and_clear(p, b) && (r = send_block(s, di, b)) < 0)
                                 return r;

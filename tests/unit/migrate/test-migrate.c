@@ -10,6 +10,7 @@
 #include "drafter/dirty_tracker.h"
 #include "drafter/error.h"
 #include "drafter/migrate.h"
+#include "drafter/waiting_cache.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -49,6 +50,10 @@ struct world {
         bool authority_seen;
         unsigned final_calls;
         unsigned char *final_copy; /* the FINAL_DEVICE as the destination read it on FINAL */
+        /* On FINAL, the other devices' blocks present then, as read then: each must already be
+         * its final version (the source sends the final DIRTY lists ahead of FINAL). */
+        unsigned char *present_copy[NDEV];
+        bool *present_then[NDEV];
 };
 
 /* The disk's final blocks go first, then FINAL: it is written up to the suspend, so it has some. */
@@ -118,6 +123,18 @@ static void final_hook(void *ctx, size_t index, const char *name) {
             block_device_read_at(migrate_destination_device(w->dest, index), w->final_copy, shapes[index].size, 0) < 0) {
                 free(w->final_copy);
                 w->final_copy = NULL;
+        }
+        for (size_t i = 0; i < NDEV; i++) {
+                struct block_device *dev = migrate_destination_device(w->dest, i);
+                uint64_t blocks = block_device_block_count(dev);
+                if (i == index || !(w->present_copy[i] = malloc(shapes[i].size)) ||
+                    !(w->present_then[i] = calloc(blocks, sizeof(bool))))
+                        continue;
+                for (uint64_t b = 0; b < blocks; b++)
+                        if ((w->present_then[i][b] = waiting_cache_present(dev, b)) &&
+                            block_device_read_at(dev, w->present_copy[i] + b * dev->block_size,
+                                                 block_device_block_length(dev, b), b * dev->block_size) < 0)
+                                w->present_then[i][b] = false;
         }
 }
 
@@ -235,6 +252,15 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                                 fail_msg("device %s block %llu differs after migration", shapes[i].name,
                                          (unsigned long long)blk);
                 }
+                for (uint64_t blk = 0; w.present_then[i] && blk < block_device_block_count(w.src[i]); blk++) {
+                        uint64_t off = blk * shapes[i].block_size;
+                        if (w.present_then[i][blk] &&
+                            memcmp(w.present_copy[i] + off, a + off, block_device_block_length(w.src[i], blk)) != 0)
+                                fail_msg("device %s block %llu was present and stale when FINAL came", shapes[i].name,
+                                         (unsigned long long)blk);
+                }
+                free(w.present_copy[i]);
+                free(w.present_then[i]);
                 if (i == FINAL_DEVICE) {
                         assert_int_equal(w.final_calls, 1);
                         assert_non_null(w.final_copy);
