@@ -422,6 +422,14 @@ static void mark(struct instance *inst, const char *name) {
         mark_at(inst, name, clock_now_ns());
 }
 
+/* When event `name` was marked (CLOCK_MONOTONIC ns), or 0. */
+static uint64_t marked_at(const struct instance *inst, const char *name) {
+        for (size_t i = 0; i < inst->event_count; i++)
+                if (strcmp(inst->events[i].name, name) == 0)
+                        return inst->events[i].at_ns;
+        return 0;
+}
+
 static size_t index_of(const struct device_list *devices, const char *name) {
         return (size_t)(device_list_find(devices, name) - devices->devices);
 }
@@ -962,9 +970,14 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
         if (st.authority_sent_at_ns)
                 mark_at(inst, "authoritySent", st.authority_sent_at_ns);
         if (r >= 0) {
+                /* The suspend starts with the agent's BeforeSuspend, while the VM still runs. */
+                uint64_t paused = marked_at(inst, "paused");
+                double paused_ms = paused && st.authority_sent_at_ns > paused ? (st.authority_sent_at_ns - paused) / 1e6 : 0;
                 log_info("Completed all device migrations (%" PRIu64 " cycles, %" PRIu64 " blocks, %.1f MB, "
-                         "suspended for %.1f ms before the hand-over, %.1f ms in all)",
-                         st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.suspend_ns / 1e6, st.total_ns / 1e6);
+                         "suspended for %.1f ms before the hand-over, paused for the last %.1f ms of it, "
+                         "%.1f ms in all)",
+                         st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.suspend_ns / 1e6, paused_ms,
+                         st.total_ns / 1e6);
                 vmm_stop(inst->vm);
                 return 0;
         }
