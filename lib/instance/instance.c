@@ -688,8 +688,6 @@ static int open_received(void *ctx, const struct migrate_device_info *info, stru
         return storage_open_received(c, info, ret);
 }
 
-/* A failure while the devices stream in is usually the migration's: say that, with what we were
- * doing when a read of a block that will never come failed. */
 /* After the hand-over, what never arrived is gone with the source: name it (the VM's own reads
  * of it, QEMU's through FUSE, fail with less to say: a bus error). */
 static int name_lost_blocks(struct instance *inst, int r) {
@@ -714,6 +712,8 @@ static int name_lost_blocks(struct instance *inst, int r) {
         return error_set(r, "%s; %s", why, lost);
 }
 
+/* A failure while the devices stream in is usually the migration's: say that, with what we were
+ * doing when a read of a block that will never come failed. */
 static int receive_failed(struct instance *inst, int r) {
         for (int i = 0; i < 200 && inst->dest && !migrate_destination_finished(inst->dest); i++)
                 clock_sleep_ns(10 * NSEC_PER_MSEC);

@@ -287,8 +287,7 @@ static void zstd_choice_note(struct source *s, size_t len, uint64_t ns) {
 }
 
 /* A data block in its smaller form: compressed when that is chosen and pays. */
-static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, const uint8_t *data,
-                            size_t len) {
+static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, const uint8_t *data, size_t len) {
         /* Compression costs more than it saves on incompressible data: after misses in a row,
          * try again only every so often (backing off up to every 64th block). A block read into
          * the slot's buffer is compressed from it into the same buffer's second half. */
@@ -337,8 +336,7 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
         uint8_t *prefix = slot->head + MIGRATE_HEADER_SIZE;
         if ((s->caps & MIGRATE_CAP_ZERO_RUNS) && buffer_is_zero(data, len)) {
                 s->stats.zero_blocks++;
-                return queue_frame(s, slot, MIGRATE_BLOCK_ZERO, id, migrate_encode_range(prefix, block, 1),
-                                   NULL, 0);
+                return queue_frame(s, slot, MIGRATE_BLOCK_ZERO, id, migrate_encode_range(prefix, block, 1), NULL, 0);
         }
         migrate_encode_block_index(prefix, block);
         int r = queue_data_block(s, slot, id, data, len);
@@ -748,19 +746,26 @@ static int send_known_zeros(struct source *s, size_t di) {
         return 0;
 }
 
+/* Send (and no longer count as pending) every block of the final set of device di. */
+static int send_pending(struct source *s, size_t di) {
+        struct bitmap *p = &s->pending[di];
+        for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
+                int r = bitmap_test_and_clear(p, b) ? send_block(s, di, b) : 0;
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
 /* The final blocks of the devices the destination reads before it resumes, ahead of the rest,
  * then FINAL for each: it can load the VM's state while the rest of the final set follows. */
 static int send_final_first(struct source *s) {
         for (size_t di = 0; di < s->cfg->count; di++) {
                 if (!s->cfg->devices[di].final_first)
                         continue;
-                struct bitmap *p = &s->pending[di];
-                for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
-                        int r = bitmap_test_and_clear(p, b) ? send_block(s, di, b) : 0;
-                        if (r < 0)
-                                return r;
-                }
-                int r = (s->caps & MIGRATE_CAP_FINAL) ? send_event(s, s->table.devices[di].id, MIGRATE_EVENT_FINAL) : 0;
+                int r = send_pending(s, di);
+                if (r >= 0 && (s->caps & MIGRATE_CAP_FINAL))
+                        r = send_event(s, s->table.devices[di].id, MIGRATE_EVENT_FINAL);
                 if (r < 0)
                         return r;
         }
@@ -827,11 +832,11 @@ static int precopy(struct source *s) {
                 if (!s->cfg->devices[di].final_first)
                         final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
         }
-        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
         /* While the VM is paused: zstd only where the link is slower than it, and the final
          * blocks pushed ahead of the hand-over when the link moves them quicker than the
          * destination could ask for them one fault at a time; else their list goes ahead and
          * they follow the hand-over (post-copy). */
+        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
         bool push = s->cfg->push_budget_ns &&
                     final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
         log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,
@@ -844,12 +849,9 @@ static int precopy(struct source *s) {
                         return r;
         if ((r = send_final_first(s)) < 0)
                 return r;
-        for (size_t di = 0; di < s->cfg->count && push; di++) {
-                struct bitmap *p = &s->pending[di];
-                for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1))
-                        if (bitmap_test_and_clear(p, b) && (r = send_block(s, di, b)) < 0)
-                                return r;
-        }
+        for (size_t di = 0; di < s->cfg->count && push; di++)
+                if ((r = send_pending(s, di)) < 0)
+                        return r;
         if (push)
                 s->stats.final_pushed = true;
         return 0;
@@ -950,9 +952,8 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         if (r == 0)
                 r = run(&s);
         if (s.cctx)
-                log_debug("migration: blocks made at %.0f MB/s raw, %.0f MB/s compressed (to %.0f%%); link "
-                          "%.0f MB/s "
-                          "(0: not the bottleneck); %u windows timed%s",
+                log_debug("migration: blocks made at %.0f MB/s raw, %.0f MB/s compressed (to %.0f%%); "
+                          "link %.0f MB/s (0: not the bottleneck); %u windows timed%s",
                           s.zstd.cpu[0] * 1e3, s.zstd.cpu[1] * 1e3, s.zstd.ratio * 100, s.zstd.link * 1e3,
                           s.zstd.windows, s.zstd.no_tcp_info ? ", no TCP_INFO: always compressed" : "");
         if (r < 0) {

@@ -239,12 +239,17 @@ static int vmm_check_alive(void *userdata) {
 
 static int vmm_set_ignore_shared(struct vmm *vm);
 
+/* True if QMP failing with r is QEMU having died (it has been reaped then). */
+static bool vmm_died(struct vmm *vm, int r) {
+        return (r == -ECONNRESET || r == -ETIMEDOUT) && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC);
+}
+
 /* qmp_execute(), with the reason when the cause is that QEMU died. */
 static int vmm_qmp(struct vmm *vm, const char *command, json_t *args, json_t **ret_return) {
         if (!vm->qmp)
                 return error_set(-ESRCH, "qemu: %s: the VM has been stopped", command);
         int r = qmp_execute(vm->qmp, command, args, ret_return);
-        if ((r == -ECONNRESET || r == -ETIMEDOUT) && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC)) {
+        if (r < 0 && vmm_died(vm, r)) {
                 char what[128];
                 snprintf(what, sizeof(what), "qemu: %s", command);
                 return vmm_exit_error(vm, r, 0, what);
@@ -867,11 +872,8 @@ static int vmm_wait_migration(struct vmm *vm, const char *what, uint64_t log_fro
                         return error_set(-ETIMEDOUT, "%s: QEMU did not finish within %llu s (status %s)", what,
                                          VMM_MIGRATION_TIMEOUT_NS / NSEC_PER_SEC, status);
                 }
-                if (r < 0) {
-                        if (r == -ECONNRESET && vmm_wait_exit(vm, 200 * NSEC_PER_MSEC))
-                                return vmm_exit_error(vm, r, 0, what);
-                        return error_prefix(r, "%s", what);
-                }
+                if (r < 0)
+                        return vmm_died(vm, r) ? vmm_exit_error(vm, r, 0, what) : error_prefix(r, "%s", what);
                 const char *s = json_string_value(json_object_get(data, "status"));
                 snprintf(status, sizeof(status), "%s", s ? s : "unknown");
                 if (strcmp(status, "completed") == 0)
