@@ -40,6 +40,11 @@ enum fuse_export_flags {
          * around it: for a VM whose memory arrives lazily over a link, where every block read
          * ahead delays the faults after it. */
         FUSE_EXPORT_NO_READAHEAD = 1 << 1,
+        /* Page faults read the 64 KiB around their page, not the kernel's window of up to 1 MiB:
+         * for a VM receiving its memory live, whose page cache is filled ahead of it (page
+         * warmer), so that a fault on a page not cached yet neither waits for neighbours still
+         * on their way nor fills pages it does not use. */
+        FUSE_EXPORT_BLOCK_READAHEAD = 1 << 2,
 };
 int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
                             unsigned flags, struct fuse_export **ret_export);

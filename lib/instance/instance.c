@@ -534,8 +534,10 @@ static int export_devices(struct instance *inst) {
                 files[i] = (struct fuse_export_device){devices->devices[i].name, inst->devs[i], false};
         char mnt[4200];
         snprintf(mnt, sizeof(mnt), "%s/mnt", inst->runtime);
-        return fuse_export_start_flags(mnt, files, devices->count, inst->lazy ? FUSE_EXPORT_NO_READAHEAD : 0,
-                                       &inst->fx);
+        /* A live migration's destination: its state load and its first steps faulted 1 MiB
+         * windows in, waiting for final blocks still on their way (docs/design.md). */
+        unsigned flags = inst->lazy ? FUSE_EXPORT_NO_READAHEAD : inst->dest ? FUSE_EXPORT_BLOCK_READAHEAD : 0;
+        return fuse_export_start_flags(mnt, files, devices->count, flags, &inst->fx);
 }
 
 /* The kernel out of its device, QEMU waiting for its state. */

@@ -11,7 +11,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
-#include <sys/resource.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -119,16 +119,27 @@ static void warm(struct page_warmer *w, void *buf, uint64_t off, size_t len) {
                 log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
 }
 
+static bool set_policy(int policy) {
+        struct sched_param sp = {0};
+        if (sched_setscheduler(0, policy, &sp) < 0)
+                log_debug("page cache: scheduling policy %d: %m", policy);
+        return true;
+}
+
 static void *warm_thread(void *arg) {
         struct page_warmer *w = arg;
-        /* Behind the migration and the VMs on a busy host: this only saves faults later. */
-        if (setpriority(PRIO_PROCESS, (id_t)gettid(), 5) < 0)
-                log_debug("page cache: setpriority: %m");
+        /* Only on idle CPUs: this saves faults later, and at nice 5 it still took a CPU of two
+         * away from the source's state save and the destination's load in the downtime. The
+         * drain, which the VM's start waits for, runs at the normal priority. */
+        set_policy(SCHED_IDLE);
+        bool drain_policy = false;
         _cleanup_free_ void *buf = malloc(WARM_RUN_BYTES);
         uint64_t cursor = 0;
         pthread_mutex_lock(&w->lock);
         while (buf && !w->stop) {
                 uint64_t first, count;
+                if (w->draining && !drain_policy)
+                        drain_policy = set_policy(SCHED_OTHER);
                 if (w->draining && clock_now_ns() > w->drain_deadline_ns)
                         break;
                 if (!next_run(w, &cursor, &first, &count)) {

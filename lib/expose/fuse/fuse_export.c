@@ -33,6 +33,7 @@
  * Otherwise the kernel's default: a VM resuming from local or pre-copied memory faults in
  * uncached (zero) pages 32 at a time. Reads asked for are never split by it. */
 #define NO_READAHEAD 4096u
+#define BLOCK_READAHEAD 65536u
 
 struct fuse_export {
         struct fuse_session *se;
@@ -88,7 +89,9 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
                 conn->want |= FUSE_CAP_ASYNC_READ;
         conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA; /* sizes never change; we invalidate ourselves */
         conn->max_write = MAX_READ;
-        conn->max_readahead = fx->flags & FUSE_EXPORT_NO_READAHEAD ? NO_READAHEAD : MAX_READ;
+        conn->max_readahead = fx->flags & FUSE_EXPORT_NO_READAHEAD      ? NO_READAHEAD
+                             : fx->flags & FUSE_EXPORT_BLOCK_READAHEAD ? BLOCK_READAHEAD
+                                                                       : MAX_READ;
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
