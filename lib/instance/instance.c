@@ -1051,18 +1051,27 @@ bool instance_running(struct instance *inst) {
 }
 
 struct sync_job {
-        struct fuse_export *fx;
+        struct instance *inst;
         pthread_t thread;
+        bool started;
         int r;
         char why[1024];
 };
 
 static void *sync_thread(void *arg) {
         struct sync_job *job = arg;
-        job->r = fuse_export_sync(job->fx);
+        job->r = fuse_export_sync(job->inst->fx);
         if (job->r < 0)
                 snprintf(job->why, sizeof(job->why), "%s", error_message());
         return NULL;
+}
+
+/* The VM is paused: its pages dirtied through QEMU's mapping go to the memory device while QEMU
+ * writes the device state (which does not touch guest RAM). */
+static void start_sync(void *arg) {
+        struct sync_job *job = arg;
+        mark(job->inst, "paused");
+        job->started = pthread_create(&job->thread, NULL, sync_thread, job) == 0;
 }
 
 /* BeforeSuspend, pause, the state into the state device and config.json. `durable`: flush every
@@ -1078,23 +1087,25 @@ static int suspend_into_devices(struct instance *inst, bool durable, bool skip_a
         }
         char raw[4200];
         snprintf(raw, sizeof(raw), "%s/state.new", inst->runtime);
-        if ((r = vmm_pause(inst->vm)) < 0)
-                return r;
-        mark(inst, "paused");
-        /* Every page QEMU dirtied through its mapping, into the memory device: while QEMU
-         * writes the device state (which does not touch guest RAM), unless it is a snapshot,
-         * which syncs the memory file itself. */
-        struct sync_job job = {.fx = inst->fx};
-        bool parallel = !durable && pthread_create(&job.thread, NULL, sync_thread, &job) == 0;
-        r = (durable ? vmm_snapshot : vmm_save_state)(inst->vm, raw);
-        if (parallel)
+        /* A live migration lets QEMU stop the VM (vmm_stop_and_save_state) and syncs the memory
+         * beside the state save; a snapshot pauses it first and syncs the memory file itself. */
+        struct sync_job job = {.inst = inst};
+        if (durable) {
+                if ((r = vmm_pause(inst->vm)) < 0)
+                        return r;
+                mark(inst, "paused");
+                r = vmm_snapshot(inst->vm, raw);
+        } else {
+                r = vmm_stop_and_save_state(inst->vm, raw, start_sync, &job);
+        }
+        if (job.started)
                 pthread_join(job.thread, NULL);
         if (r < 0)
                 return r;
         mark(inst, "stateSaved");
-        if (parallel && job.r < 0)
+        if (job.started && job.r < 0)
                 return error_set(job.r, "%s", job.why);
-        if (!parallel && (r = fuse_export_sync(inst->fx)) < 0)
+        if (!job.started && (r = fuse_export_sync(inst->fx)) < 0)
                 return r;
         mark(inst, "memorySynced");
         _cleanup_free_ char *data = NULL;

@@ -890,12 +890,45 @@ static int fsync_path(const char *path, const char *what) {
         return 0;
 }
 
-static int save_state(struct vmm *vm, const char *state_path, bool durable) {
+/* A migration started while the VM runs stops it itself once nothing is left to send (its RAM is
+ * shared, so at once): wait for that (STOP), or for the migration to fail first. */
+static int wait_stopped(struct vmm *vm, const char *what, uint64_t log_from) {
+        static const char *const events[] = {"STOP", "MIGRATION"};
+        uint64_t deadline = clock_now_ns() + VMM_MIGRATION_TIMEOUT_NS;
+        for (;;) {
+                uint64_t now = clock_now_ns();
+                size_t which = 0;
+                json_auto_t *data = NULL;
+                int r = now < deadline ? qmp_wait_events(vm->qmp, events, 2, deadline - now, &which, &data) : -ETIMEDOUT;
+                if (r == -ETIMEDOUT) {
+                        if (vmm_qmp(vm, "migrate_cancel", NULL, NULL) < 0)
+                                log_debug("qemu: migrate_cancel: %s", error_message());
+                        return error_set(-ETIMEDOUT, "%s: QEMU did not stop the VM within %llu s", what,
+                                         VMM_MIGRATION_TIMEOUT_NS / NSEC_PER_SEC);
+                }
+                if (r < 0)
+                        return vmm_died(vm, r) ? vmm_exit_error(vm, r, 0, what) : error_prefix(r, "%s", what);
+                if (which == 0)
+                        return 0;
+                const char *st = json_string_value(json_object_get(data, "status"));
+                if (st && (strcmp(st, "failed") == 0 || strcmp(st, "cancelled") == 0))
+                        return vmm_migration_failed(vm, what, log_from, st);
+        }
+}
+
+/* `on_stopped` NULL: the VM must be paused. Else it must run, and the migration stops it
+ * (on_stopped(ctx) is called then, before the device state is written). */
+static int save_state(struct vmm *vm, const char *state_path, bool durable, void (*on_stopped)(void *),
+                      void *ctx) {
         const char *status;
         int r = vmm_status(vm, &status);
         if (r < 0)
                 return error_prefix(r, "snapshot");
-        if (strcmp(status, "running") == 0)
+        if (on_stopped && strcmp(status, "running") != 0) { /* paused already: the plain way */
+                on_stopped(ctx);
+                on_stopped = NULL;
+        }
+        if (!on_stopped && strcmp(status, "running") == 0)
                 return error_set(-EBUSY, "snapshot: the VM is running: pause it first");
         /* QEMU: "Can't migrate the vm that was paused due to previous migration". Resuming it
          * behind the caller's back would let the guest change what the last snapshot holds. */
@@ -923,11 +956,16 @@ static int save_state(struct vmm *vm, const char *state_path, bool durable) {
         char what[1024];
         snprintf(what, sizeof(what), "snapshot: writing state file %s", state_path);
         vmm_drop_migration_events(vm);
+        while (on_stopped && qmp_wait_event(vm->qmp, "STOP", 0, NULL) == 0)
+                ;
+        error_clear();
         if (!args)
                 r = -ENOMEM;
         else if ((r = vmm_qmp(vm, "migrate", args, NULL)) < 0)
                 error_prefix(r, "snapshot");
-        else
+        else if (on_stopped && (r = wait_stopped(vm, what, log_from)) >= 0)
+                on_stopped(ctx);
+        if (r >= 0)
                 r = vmm_wait_migration(vm, what, log_from);
         if (r >= 0 && ((durable && fsync(fd) < 0) || fchmod(fd, 0644) < 0))
                 r = error_set_errno(-errno, "snapshot: cannot sync %s", tmp);
@@ -949,11 +987,15 @@ static int save_state(struct vmm *vm, const char *state_path, bool durable) {
 }
 
 int vmm_snapshot(struct vmm *vm, const char *state_path) {
-        return save_state(vm, state_path, true);
+        return save_state(vm, state_path, true, NULL, NULL);
 }
 
 int vmm_save_state(struct vmm *vm, const char *state_path) {
-        return save_state(vm, state_path, false);
+        return save_state(vm, state_path, false, NULL, NULL);
+}
+
+int vmm_stop_and_save_state(struct vmm *vm, const char *state_path, void (*on_stopped)(void *), void *ctx) {
+        return save_state(vm, state_path, false, on_stopped, ctx);
 }
 
 int vmm_restore_start(struct vmm *vm, const char *state_path) {

@@ -172,17 +172,19 @@ int qmp_execute(struct qmp *q, const char *command, json_t *args, json_t **ret_r
         }
 }
 
-/* Remove and return the oldest queued event named `event`, or NULL. */
-static json_t *qmp_take_event(struct qmp *q, const char *event) {
+/* Remove and return the oldest queued event named one of `events`, or NULL. */
+static json_t *qmp_take_event(struct qmp *q, const char *const *events, size_t n, size_t *ret_index) {
         size_t i;
         json_t *msg;
         json_array_foreach(q->events, i, msg) {
                 const char *name = json_string_value(json_object_get(msg, "event"));
-                if (name && strcmp(name, event) == 0) {
-                        json_incref(msg);
-                        json_array_remove(q->events, i);
-                        return msg;
-                }
+                for (size_t k = 0; name && k < n; k++)
+                        if (strcmp(name, events[k]) == 0) {
+                                json_incref(msg);
+                                json_array_remove(q->events, i);
+                                *ret_index = k;
+                                return msg;
+                        }
         }
         return NULL;
 }
@@ -195,13 +197,18 @@ static int qmp_event_data(json_t *msg, json_t **ret_data) {
         return *ret_data ? 0 : -ENOMEM;
 }
 
-int qmp_wait_event(struct qmp *q, const char *event, uint64_t timeout_ns, json_t **ret_data) {
-        json_auto_t *queued = qmp_take_event(q, event);
-        if (queued)
+int qmp_wait_events(struct qmp *q, const char *const *events, size_t n, uint64_t timeout_ns, size_t *ret_index,
+                    json_t **ret_data) {
+        size_t index = 0;
+        json_auto_t *queued = qmp_take_event(q, events, n, &index);
+        if (queued) {
+                if (ret_index)
+                        *ret_index = index;
                 return qmp_event_data(queued, ret_data);
+        }
 
         char what[96];
-        snprintf(what, sizeof(what), "waiting for event %s", event);
+        snprintf(what, sizeof(what), "waiting for event %s%s", events[0], n > 1 ? " (or another)" : "");
         uint64_t deadline = clock_now_ns() + timeout_ns;
         for (;;) {
                 json_auto_t *msg = NULL;
@@ -213,11 +220,19 @@ int qmp_wait_event(struct qmp *q, const char *event, uint64_t timeout_ns, json_t
                         log_debug("qmp: %s: ignoring a message that is not an event", what);
                         continue;
                 }
-                if (strcmp(name, event) == 0)
-                        return qmp_event_data(msg, ret_data);
+                for (size_t k = 0; k < n; k++)
+                        if (strcmp(name, events[k]) == 0) {
+                                if (ret_index)
+                                        *ret_index = k;
+                                return qmp_event_data(msg, ret_data);
+                        }
                 if ((r = qmp_queue_event(q, msg)) < 0)
                         return r;
         }
+}
+
+int qmp_wait_event(struct qmp *q, const char *event, uint64_t timeout_ns, json_t **ret_data) {
+        return qmp_wait_events(q, &event, 1, timeout_ns, NULL, ret_data);
 }
 
 static int qmp_connect_socket(const char *path, uint64_t deadline_ns, int (*check)(void *), void *userdata,

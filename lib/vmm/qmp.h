@@ -39,3 +39,7 @@ int qmp_execute(struct qmp *q, const char *command, json_t *args, json_t **ret_r
 /* Wait for the next event named `event` (queued or new) within `timeout_ns`; *ret_data (if not
  * NULL) gets a new reference to its "data" (an empty object when it has none). */
 int qmp_wait_event(struct qmp *q, const char *event, uint64_t timeout_ns, json_t **ret_data);
+/* The same for the first event named one of `events` (n of them); *ret_index (if not NULL)
+ * says which. */
+int qmp_wait_events(struct qmp *q, const char *const *events, size_t n, uint64_t timeout_ns, size_t *ret_index,
+                    json_t **ret_data);

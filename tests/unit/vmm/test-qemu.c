@@ -226,6 +226,57 @@ static void test_snapshot_restore(void **state) {
         closedir(d);
 }
 
+struct stopped_probe {
+        struct vmm *vm;
+        int calls;
+        char status[32]; /* QEMU's run state when we were told it stopped */
+};
+
+static void on_stopped(void *ctx) {
+        struct stopped_probe *p = ctx;
+        const char *status = NULL;
+        p->calls++;
+        assert_ok(vmm_status(p->vm, &status));
+        snprintf(p->status, sizeof(p->status), "%s", status);
+}
+
+/* A live migration's save: QEMU stops the running VM itself, tells us (before the device state is
+ * written), and the state restores like a snapshot's. A VM paused already is saved as it is. */
+static void test_stop_and_save(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *state_path = test_path(f->dir, "state.bin");
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *a = NULL;
+        assert_ok(vmm_start(&cfg, false, &a));
+        assert_status(a, "running");
+        struct stopped_probe probe = {.vm = a};
+        uint64_t t0 = clock_now_ns();
+        assert_ok(vmm_stop_and_save_state(a, state_path, on_stopped, &probe));
+        print_message("stop and save of a running VM: %.1f ms, state %llu bytes\n", (clock_now_ns() - t0) / 1e6,
+                      (unsigned long long)file_size(state_path));
+        assert_int_equal(probe.calls, 1);
+        /* Told while QEMU was still writing the state, or just after: never while running. */
+        assert_true(strcmp(probe.status, "finish-migrate") == 0 || strcmp(probe.status, "postmigrate") == 0);
+        assert_true(file_size(state_path) > 0);
+        assert_status(a, "postmigrate");
+        assert_ok(vmm_resume(a));
+        assert_status(a, "running");
+        assert_ok(vmm_pause(a));
+        probe.calls = 0;
+        assert_ok(vmm_stop_and_save_state(a, state_path, on_stopped, &probe));
+        assert_int_equal(probe.calls, 1);
+        assert_string_equal(probe.status, "paused");
+        vmm_free(a);
+
+        struct vmm_config cfg_b = config(f, f->run_b);
+        struct vmm *b = NULL;
+        assert_ok(vmm_start(&cfg_b, true, &b));
+        assert_ok(vmm_restore(b, state_path));
+        assert_ok(vmm_resume(b));
+        assert_status(b, "running");
+        vmm_free(b);
+}
+
 /* Restoring `state_path` must fail with a message naming it, and leave nothing behind. */
 static void expect_restore_failure(const struct fixture *f, const char *state_path, const char *label) {
         struct vmm_config cfg = config(f, f->run_b);
@@ -553,6 +604,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_run_states, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_snapshot_restore, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_stop_and_save, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_corrupt_state, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_missing_state, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_memory_file_size, setup, teardown),
