@@ -110,6 +110,9 @@ struct migrate_destination_config {
         /* Optional, on the receiving thread: device `index` holds its final contents (EVENT
          * FINAL, checked: no block missing) ahead of the hand-over. */
         void (*on_final)(void *ctx, size_t index, const char *name);
+        /* This side will call migrate_destination_ready() (MIGRATE_CAP_READY): the source holds
+         * its dirty cycles and the suspend until then. */
+        bool announce_ready;
 };
 
 struct migrate_destination;
@@ -130,6 +133,9 @@ int migrate_destination_wait(struct migrate_destination *d, struct migrate_stats
  * devices, and migrate_destination_wait() returns -EINTR. -EBUSY once this side has taken
  * authority: then the devices are ours and the rest must arrive. */
 int migrate_destination_abort(struct migrate_destination *d);
+/* With announce_ready: this side can take the VM now (EVENT READY, if the source understands it;
+ * once). */
+int migrate_destination_ready(struct migrate_destination *d);
 /* True if the source announced a lazy migration (MIGRATE_CAP_LAZY): it hands over at once and
  * the VM will fault its memory in over the link. */
 bool migrate_destination_lazy(const struct migrate_destination *d);

@@ -42,6 +42,9 @@ enum migrate_capability {
          * after the handshake and every block on demand or after it. */
         MIGRATE_CAP_LAZY = 1u << 4,
         MIGRATE_CAP_FINAL = 1u << 5, /* EVENT FINAL */
+        /* EVENT READY: the destination says when it can take the VM (its VMM has started); the
+         * source waits for it before its dirty cycles, so the suspend never waits for it. */
+        MIGRATE_CAP_READY = 1u << 6,
 };
 
 enum migrate_device_flag {
@@ -76,6 +79,7 @@ enum migrate_event {
         /* src, per device, while the VM is paused: every block of its final contents has been
          * sent and no DIRTY list follows for it (the destination may read it whole now). */
         MIGRATE_EVENT_FINAL = 9,
+        MIGRATE_EVENT_READY = 10, /* dst, with MIGRATE_CAP_READY: ready to take the VM */
 };
 
 struct migrate_device_info {

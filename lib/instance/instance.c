@@ -819,7 +819,8 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                                                   .disable_postcopy = disable_postcopy,
                                                   .on_blocks = on_blocks,
                                                   .on_dirty = on_dirty,
-                                                  .on_final = on_final};
+                                                  .on_final = on_final,
+                                                  .announce_ready = true};
         if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
                 return fail_instance(inst, r);
         inst->lazy = migrate_destination_lazy(inst->dest);
@@ -848,6 +849,9 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         if ((r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
                 return receive_failed(inst, r);
         log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
+        /* The source holds its suspend until now (EVENT READY). */
+        if ((r = migrate_destination_ready(inst->dest)) < 0)
+                return receive_failed(inst, r);
         pthread_mutex_lock(&inst->lock);
         while (!inst->authority) {
                 if (inst->state_final && inst->config_final && !inst->restore_started) {

@@ -42,6 +42,7 @@ struct destination {
         pthread_mutex_t s3_lock;
         bool any_s3, source_done, acked;
         bool lazy; /* the source announced MIGRATE_CAP_LAZY */
+        bool send_ready, ready_sent; /* both sides have MIGRATE_CAP_READY; READY went out */
         struct migrate_destination_config cfg;
         struct migrate_device_table table;
         struct block_device **devs; /* waiting caches */
@@ -506,7 +507,8 @@ static int handshake(struct destination *d) {
         int r = send_frame(d, MIGRATE_HELLO, MIGRATE_CONNECTION, p,
                            migrate_encode_hello(p, MIGRATE_ROLE_DESTINATION,
                                                 MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_ZSTD | MIGRATE_CAP_BARRIER |
-                                                        MIGRATE_CAP_S3 | MIGRATE_CAP_FINAL));
+                                                        MIGRATE_CAP_S3 | MIGRATE_CAP_FINAL |
+                                                        (d->cfg.announce_ready ? MIGRATE_CAP_READY : 0)));
         if (r < 0)
                 return r;
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)
@@ -519,6 +521,7 @@ static int handshake(struct destination *d) {
                 return error_set(-EPROTO, "migration: source speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
         d->lazy = m.hello.capabilities & MIGRATE_CAP_LAZY;
+        d->send_ready = d->cfg.announce_ready && (m.hello.capabilities & MIGRATE_CAP_READY);
         if ((r = migrate_read_frame(d->fd, &buf, &cap, &f)) < 0)
                 return r;
         if (f.type != MIGRATE_DEVICES)
@@ -699,4 +702,17 @@ int migrate_destination_abort(struct migrate_destination *dest) {
         pthread_mutex_unlock(&d->write_lock);
         shutdown(d->fd, SHUT_RDWR); /* the receiving thread ends, and with it the migration */
         return 0;
+}
+
+int migrate_destination_ready(struct migrate_destination *dest) {
+        struct destination *d = (struct destination *)dest;
+        pthread_mutex_lock(&d->write_lock);
+        int r = 0;
+        if (d->send_ready && !d->ready_sent && !__atomic_load_n(&d->aborted, __ATOMIC_ACQUIRE)) {
+                uint8_t p[2];
+                r = send_frame_locked(d, MIGRATE_EVENT, MIGRATE_CONNECTION, p, migrate_encode_event(p, MIGRATE_EVENT_READY));
+                d->ready_sent = r >= 0;
+        }
+        pthread_mutex_unlock(&d->write_lock);
+        return r;
 }

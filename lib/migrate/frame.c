@@ -258,6 +258,7 @@ int migrate_frame_parse(const struct migrate_frame *f, const struct migrate_devi
                 case MIGRATE_EVENT_AUTHORITY_ACK:
                 case MIGRATE_EVENT_COMPLETED_ACK:
                 case MIGRATE_EVENT_BARRIER_ACK:
+                case MIGRATE_EVENT_READY:
                         if (from_source || d)
                                 return BAD("event %u must come from the destination for the connection", m.event);
                         break;

@@ -42,7 +42,7 @@ struct source {
         pthread_cond_t changed;
         struct need *needs;
         size_t need_head, need_count, need_cap;
-        bool authority_ack, completed_ack, reader_done, barrier_ack;
+        bool authority_ack, completed_ack, reader_done, barrier_ack, peer_ready;
         bool authority_sent; /* the AUTHORITY frame was written whole: the destination may act on it */
         bool refused;        /* an ERROR came from the destination before any AUTHORITY_ACK */
         int peer_error;
@@ -201,6 +201,8 @@ static void *reader_thread(void *arg) {
                         s->authority_ack = true;
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_BARRIER_ACK) {
                         s->barrier_ack = true;
+                } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_READY) {
+                        s->peer_ready = true;
                 } else if (m.type == MIGRATE_EVENT && m.event == MIGRATE_EVENT_COMPLETED_ACK) {
                         if (!s->authority_ack) {
                                 s->peer_error = -EPROTO;
@@ -637,7 +639,7 @@ static int handshake(struct source *s) {
         uint8_t p[20];
         struct iovec iov = {p, migrate_encode_hello(p, MIGRATE_ROLE_SOURCE,
                                                     MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER |
-                                                            MIGRATE_CAP_FINAL |
+                                                            MIGRATE_CAP_FINAL | MIGRATE_CAP_READY |
                                                             (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0) |
                                                             (s->cfg->lazy ? MIGRATE_CAP_LAZY : 0))};
         int r = send_frame(s, MIGRATE_HELLO, MIGRATE_CONNECTION, &iov, 1);
@@ -659,7 +661,7 @@ static int handshake(struct source *s) {
                 return error_set(-EPROTO, "migration: destination speaks version %u, we speak %u", m.hello.version,
                                  MIGRATE_VERSION);
         s->caps = m.hello.capabilities & (MIGRATE_CAP_ZERO_RUNS | MIGRATE_CAP_BARRIER | MIGRATE_CAP_S3 |
-                                          MIGRATE_CAP_FINAL |
+                                          MIGRATE_CAP_FINAL | MIGRATE_CAP_READY |
                                           (s->cfg->compress ? MIGRATE_CAP_ZSTD : 0));
         if ((r = prepare_s3(s)) < 0)
                 return r;
@@ -804,6 +806,13 @@ static int precopy(struct source *s) {
                 return r;
         s->stats.bulk_ns = clock_now_ns() - t;
         note_rate(s, s->stats.bytes_sent, s->stats.bulk_ns);
+        /* A destination still starting its VMM would make the suspend wait for it (and load the
+         * state into a QEMU that has just started): the cycles begin once it can take the VM. */
+        t = clock_now_ns();
+        if ((s->caps & MIGRATE_CAP_READY) && (r = wait_for(s, &s->peer_ready, true)) < 0)
+                return r;
+        if (s->caps & MIGRATE_CAP_READY)
+                log_debug("migration: the destination was ready %.1f ms after the bulk pass", (clock_now_ns() - t) / 1e6);
         t = clock_now_ns();
         if ((r = cycles(s)) < 0)
                 return r;

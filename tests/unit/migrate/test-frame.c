@@ -104,6 +104,15 @@ static void test_round_trips(void **state) {
         round_trip(sv, MIGRATE_EVENT, MIGRATE_CONNECTION, p, n, &buf, &cap, &f);
         assert_int_equal(migrate_frame_parse(&f, &table, true, &m), -EBADMSG);
 
+        /* READY: from the destination, for the connection; nothing else. */
+        n = migrate_encode_event(p, MIGRATE_EVENT_READY);
+        round_trip(sv, MIGRATE_EVENT, MIGRATE_CONNECTION, p, n, &buf, &cap, &f);
+        assert_ok(migrate_frame_parse(&f, &table, false, &m));
+        assert_int_equal(m.event, MIGRATE_EVENT_READY);
+        assert_int_equal(migrate_frame_parse(&f, &table, true, &m), -EBADMSG);
+        round_trip(sv, MIGRATE_EVENT, 9, p, n, &buf, &cap, &f);
+        assert_int_equal(migrate_frame_parse(&f, &table, false, &m), -EBADMSG);
+
         n = migrate_encode_error(p, -ENOSPC, "disk: overlay out/overlay/disk: No space left\non device");
         round_trip(sv, MIGRATE_ERROR, MIGRATE_CONNECTION, p, n, &buf, &cap, &f);
         assert_ok(migrate_frame_parse(&f, &table, false, &m));

@@ -54,6 +54,7 @@ struct world {
          * its final version (the source sends the final DIRTY lists ahead of FINAL). */
         unsigned char *present_copy[NDEV];
         bool *present_then[NDEV];
+        uint64_t ready_at_ns, suspended_at_ns; /* EVENT READY sent; the source's suspend */
 };
 
 /* The disk's final blocks go first, then FINAL: it is written up to the suspend, so it has some. */
@@ -80,6 +81,8 @@ static void *writer(void *arg) {
 
 static int suspend_hook(void *ctx) {
         struct world *w = ctx;
+        if (!w->suspended_at_ns)
+                w->suspended_at_ns = clock_now_ns();
         __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
         if (w->writer_running) {
                 pthread_join(w->writer, NULL);
@@ -177,6 +180,17 @@ static void *run_source(void *arg) {
 static bool source_maps;
 static unsigned source_concurrency;
 static uint64_t source_push_budget_ns;
+/* A destination that says READY this long after its start (0: it does not announce READY). */
+static uint64_t dest_ready_after_ns;
+
+static void *say_ready(void *arg) {
+        struct world *w = arg;
+        clock_sleep_ns(dest_ready_after_ns);
+        __atomic_store_n(&w->ready_at_ns, clock_now_ns(), __ATOMIC_RELEASE);
+        if (migrate_destination_ready(w->dest) < 0)
+                __atomic_store_n(&w->ready_at_ns, UINT64_MAX, __ATOMIC_RELEASE);
+        return NULL;
+}
 
 static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycles, int64_t throttle_ns,
                          bool disable_postcopy, bool read_all, bool compress, uint64_t seed) {
@@ -227,8 +241,12 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                                                   .on_final = final_hook,
                                                   .ctx = &w,
                                                   .disable_postcopy = disable_postcopy,
-                                                  .read_timeout_ns = 10 * NSEC_PER_SEC};
+                                                  .read_timeout_ns = 10 * NSEC_PER_SEC,
+                                                  .announce_ready = dest_ready_after_ns > 0};
         assert_ok(migrate_destination_start(sv[1], &dcfg, &w.dest));
+        pthread_t ready_thread;
+        if (dest_ready_after_ns)
+                assert_int_equal(pthread_create(&ready_thread, NULL, say_ready, &w), 0);
         struct migrate_stats dstats;
         int r = migrate_destination_wait(w.dest, &dstats);
         pthread_join(st, NULL);
@@ -238,6 +256,14 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
         assert_true(src.stats.authority_transferred && src.stats.completed);
         if (w.dest_reader_running)
                 pthread_join(w.dest_reader, NULL);
+        if (dest_ready_after_ns) {
+                pthread_join(ready_thread, NULL);
+                /* The source held its dirty cycles and its suspend until READY. */
+                assert_true(w.ready_at_ns != UINT64_MAX);
+                assert_true(w.suspended_at_ns > w.ready_at_ns);
+                fprintf(stderr, "  READY %.1f ms after the start, suspend %.1f ms after READY\n",
+                        dest_ready_after_ns / 1e6, (w.suspended_at_ns - w.ready_at_ns) / 1e6);
+        }
         suspend_hook(&w); /* in case the migration ended before suspending (it cannot, but be tidy) */
 
         /* Byte for byte, every block of every device. */
@@ -309,6 +335,13 @@ static void test_precopy_and_postcopy(void **state) {
         migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, false, false, true, test_seed("test-migrate"));
 }
 
+/* EVENT READY: a destination still starting its VMM holds the source's suspend. */
+static void test_ready(void **state) {
+        dest_ready_after_ns = 300 * NSEC_PER_MSEC;
+        migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, false, false, true, test_seed("test-migrate-ready"));
+        dest_ready_after_ns = 0;
+}
+
 static void test_precopy_only(void **state) {
         source_concurrency = 1; /* every block in its own write */
         migrate_once(20, 2, 10, 5 * NSEC_PER_MSEC, true, false, false, test_seed("test-migrate") + 1);
@@ -343,6 +376,7 @@ int main(void) {
         signal(SIGPIPE, SIG_IGN);
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_precopy_and_postcopy),
+                cmocka_unit_test(test_ready),
                 cmocka_unit_test(test_precopy_only),
                 cmocka_unit_test(test_postcopy_only),
                 cmocka_unit_test(test_postcopy_reads_wait_for_data),
