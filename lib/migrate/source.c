@@ -753,6 +753,10 @@ static int send_pending(struct source *s, size_t di) {
         struct bitmap *p = &s->pending[di];
         for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
                 int r = bitmap_test_and_clear(p, b) ? send_block(s, di, b) : 0;
+                /* A reader there waits for one of the rest (QEMU's state load touching a virtio
+                 * ring): that block goes next, not when the sweep reaches it. */
+                if (r >= 0 && __atomic_load_n(&s->need_count, __ATOMIC_RELAXED))
+                        r = serve_needs(s, true);
                 if (r < 0)
                         return r;
         }
