@@ -85,7 +85,7 @@ int vmm_save_state(struct vmm *vm, const char *state_path);
  * QEMU sets the migration up while the VM runs, so only the device state is written while it is
  * paused (2-3 ms against 5-9 for vmm_pause() + vmm_save_state(), whose `migrate` set up a
  * migration thread in the pause). on_stopped(ctx) is called once the VM is paused (QEMU's STOP
- * event), before the state is written; at once for a VM paused already, which is saved as by
+ * event), while QEMU writes the state (or has just written it); at once for a VM paused already, which is saved as by
  * vmm_save_state(). On a failure the VM may be running or paused (vmm_resume() continues it). */
 int vmm_stop_and_save_state(struct vmm *vm, const char *state_path, void (*on_stopped)(void *), void *ctx);
 /* VM started with `incoming`: load the device state from state_path (which must exist and be

@@ -471,9 +471,12 @@ static int cycles(struct source *s) {
                         if (r < 0)
                                 return r;
                         pthread_mutex_lock(&s->lock);
-                        if (s->need_count == 0 && !s->peer_error && clock_now_ns() < until) {
+                        uint64_t now = clock_now_ns();
+                        if (s->need_count == 0 && !s->peer_error && now < until) {
+                                /* `now` read once: MIN evaluates its arguments twice, and a clock
+                                 * read past `until` there made a wait of 2^64 ns (a hung source). */
                                 struct timespec ts;
-                                clock_deadline_after(MIN(until - clock_now_ns(), 5 * NSEC_PER_MSEC), &ts);
+                                clock_deadline_after(MIN(until - now, 5 * NSEC_PER_MSEC), &ts);
                                 pthread_cond_timedwait(&s->changed, &s->lock, &ts);
                         }
                         pthread_mutex_unlock(&s->lock);

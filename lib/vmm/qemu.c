@@ -917,7 +917,7 @@ static int wait_stopped(struct vmm *vm, const char *what, uint64_t log_from) {
 }
 
 /* `on_stopped` NULL: the VM must be paused. Else it must run, and the migration stops it
- * (on_stopped(ctx) is called then, before the device state is written). */
+ * (on_stopped(ctx) is called on its STOP event, while QEMU writes the device state). */
 static int save_state(struct vmm *vm, const char *state_path, bool durable, void (*on_stopped)(void *),
                       void *ctx) {
         const char *status;
