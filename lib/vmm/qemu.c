@@ -883,6 +883,22 @@ static int vmm_wait_migration(struct vmm *vm, const char *what, uint64_t log_fro
         }
 }
 
+/* "completed" may come a moment before QEMU leaves the migration's run state (`transient`). */
+static int wait_run_state_left(struct vmm *vm, const char *transient, const char *what) {
+        uint64_t deadline = clock_now_ns() + VMM_START_TIMEOUT_NS;
+        for (;;) {
+                const char *status;
+                int r = vmm_status(vm, &status);
+                if (r < 0)
+                        return error_prefix(r, "%s", what);
+                if (strcmp(status, transient) != 0)
+                        return 0;
+                if (clock_now_ns() >= deadline)
+                        return error_set(-ETIMEDOUT, "%s: done, but QEMU is still in %s", what, transient);
+                clock_sleep_ns(VMM_MIGRATION_POLL_NS);
+        }
+}
+
 static int fsync_path(const char *path, const char *what) {
         _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0 || fsync(fd) < 0)
@@ -967,6 +983,8 @@ static int save_state(struct vmm *vm, const char *state_path, bool durable, void
                 on_stopped(ctx);
         if (r >= 0)
                 r = vmm_wait_migration(vm, what, log_from);
+        if (r >= 0)
+                r = wait_run_state_left(vm, "finish-migrate", what);
         if (r >= 0 && ((durable && fsync(fd) < 0) || fchmod(fd, 0644) < 0))
                 r = error_set_errno(-errno, "snapshot: cannot sync %s", tmp);
         if (r >= 0 && rename(tmp, state_path) < 0)
@@ -1039,20 +1057,9 @@ int vmm_restore_wait(struct vmm *vm) {
         int r = vmm_wait_migration(vm, what, vm->restore_log_from);
         if (r < 0)
                 return r;
-        /* "completed" may come a moment before QEMU leaves the inmigrate run state. */
-        uint64_t deadline = clock_now_ns() + VMM_START_TIMEOUT_NS;
-        for (;;) {
-                const char *status;
-                if ((r = vmm_status(vm, &status)) < 0)
-                        return error_prefix(r, "restore");
-                if (strcmp(status, "inmigrate") != 0)
-                        break;
-                if (clock_now_ns() >= deadline)
-                        return error_set(-ETIMEDOUT,
-                                         "restore: state file %s loaded, but QEMU is still in inmigrate",
-                                         vm->restore_path);
-                clock_sleep_ns(VMM_MIGRATION_POLL_NS);
-        }
+        snprintf(what, sizeof(what), "restore: state file %s", vm->restore_path);
+        if ((r = wait_run_state_left(vm, "inmigrate", what)) < 0)
+                return r;
         vm->incoming = vm->restoring = false;
         log_debug("qemu: restored %s (%" PRIu64 " bytes) in %.1f ms", vm->restore_path, vm->restore_bytes,
                   (clock_now_ns() - vm->restore_t0) / 1e6);
