@@ -101,6 +101,10 @@ int vmm_restore_wait(struct vmm *vm);
  * its sockets. Idempotent; returns 0 and keeps the current error message, so error paths can
  * call it. */
 int vmm_stop(struct vmm *vm);
+/* From now on QEMU's threads run only on CPUs nothing else wants (SCHED_IDLE): for a VM that is
+ * done, whose last steps and exit (unmapping its RAM takes milliseconds) should not slow a VM that
+ * took over from it on this host. */
+int vmm_yield_cpu(struct vmm *vm);
 /* Stops it if running; frees. NULL is fine. */
 void vmm_free(struct vmm *vm);
 

@@ -601,6 +601,9 @@ static int start_restore(struct instance *inst) {
         if (r < 0 || (r = fs_write_file_replace(raw, buf, inst->cfg.state_bytes)) < 0)
                 return r;
         mark(inst, "stateRead");
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_pause(inst->warmer); /* the load's faults first */
+        pthread_mutex_unlock(&inst->lock);
         return vmm_restore_start(inst->vm, raw);
 }
 
@@ -984,6 +987,9 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                          "%.1f ms in all)",
                          st.cycles, st.blocks_sent, st.bytes_sent / 1e6, st.suspend_ns / 1e6, paused_ms,
                          st.total_ns / 1e6);
+                /* The destination, here perhaps, runs its first steps now. */
+                if (vmm_yield_cpu(inst->vm) < 0)
+                        log_debug("%s", error_message());
                 vmm_stop(inst->vm);
                 return 0;
         }

@@ -8,10 +8,10 @@
  * (a pre-copy cycle) or is about to go missing (a DIRTY list), its cached pages are dropped
  * first, after any store of it in flight; a block that is not present is never touched, so the
  * thread never waits for the migration.
- * It goes on after the hand-over while QEMU loads the state (which reads but does not write
- * guest RAM), caching the blocks that follow the hand-over as they land. Stop it before the VM
- * may run: from then on the VM's own faults fill the cache, and a late copy would overwrite a
- * page the VM has since written. */
+ * It pauses while QEMU loads the state (page_warmer_pause): the load's faults on guest RAM are
+ * on the downtime path, and a store holds the pages it fills. Stop it before the VM may run: from
+ * then on the VM's own faults fill the cache, and a late copy would overwrite a page the VM has
+ * since written. */
 #pragma once
 
 #include <stddef.h>
@@ -31,6 +31,8 @@ int page_warmer_run(struct page_warmer *w);
 void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero);
 /* Block `block` is about to be marked missing: afterwards no cached page of it remains. */
 void page_warmer_dirtied(struct page_warmer *w, uint64_t block);
+/* No store starts until page_warmer_free() (one in flight lands); thread-safe. NULL is fine. */
+void page_warmer_pause(struct page_warmer *w);
 /* Cache what is still queued (the last blocks of a migration: the VM's hottest pages, about to
  * be touched first), for at most a few ms; stop the thread and free. NULL is fine. */
 void page_warmer_free(struct page_warmer *w);

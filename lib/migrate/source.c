@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <linux/tcp.h>
@@ -18,7 +19,17 @@
 #include <netinet/in.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <zstd.h>
+
+static bool set_policy(pid_t tid, int policy) {
+        struct sched_param sp = {0};
+        if (sched_setscheduler(tid, policy, &sp) < 0) {
+                log_debug("migration: scheduling policy %d for thread %d: %m", policy, (int)tid);
+                return false;
+        }
+        return true;
+}
 
 struct need {
         size_t device;
@@ -67,6 +78,10 @@ struct source {
         double link_rate;       /* note_rate() */
         uint64_t suspend_started_ns;
         uint64_t last_need_ns;       /* when the reader last queued a NEED_AT */
+        /* After the hand-over the sending thread (sender_tid) pushes at idle priority, and runs at
+         * its own while NEED_AT requests wait (boosted): see idle_push(). */
+        pid_t sender_tid;
+        bool push_idle, boosted;
         uint64_t last_background_ns; /* lazy: when a block nobody asked for last went out */
         unsigned compress_skip; /* blocks to send raw before trying zstd again */
         unsigned compress_misses;
@@ -191,6 +206,8 @@ static void *reader_thread(void *arg) {
                                         (struct need){m.device, m.range.first, m.range.count};
                                 s->need_count++;
                                 s->last_need_ns = clock_now_ns();
+                                if (s->push_idle && !s->boosted)
+                                        s->boosted = set_policy(s->sender_tid, SCHED_OTHER);
                                 if (s->cfg->demand_group)
                                         __atomic_store_n(s->cfg->demand_group, s->last_need_ns, __ATOMIC_RELAXED);
                         }
@@ -347,15 +364,31 @@ static int send_block(struct source *s, size_t di, uint64_t block) {
         return r;
 }
 
+/* After the hand-over the rest of the final set goes out on idle CPUs only: the destination's
+ * state load and first steps come first, and they ask for what they touch (NEED_AT), which is
+ * sent at the thread's own priority. On this host (a local migration, the benchmark) that kept
+ * the push from taking a CPU of two from the load; elsewhere it costs nothing when the CPUs are
+ * free. Undone when migrate_source_run() returns. */
+static void idle_push(struct source *s) {
+        pthread_mutex_lock(&s->lock);
+        s->sender_tid = gettid();
+        s->push_idle = set_policy(0, SCHED_IDLE);
+        pthread_mutex_unlock(&s->lock);
+}
+
 /* Serve the destination's NEED_AT requests. In post-copy only blocks still pending are sent
  * (the others are on their way or there). */
 static int serve_needs(struct source *s, bool postcopy) {
         for (bool served = false;; served = true) {
                 pthread_mutex_lock(&s->lock);
                 if (s->need_count == 0) {
+                        bool unboost = s->boosted;
+                        s->boosted = false;
                         pthread_mutex_unlock(&s->lock);
                         /* A reader waits for these: out now, not when the batch fills. */
                         int r = served ? flush_blocks(s) : 0;
+                        if (unboost)
+                                set_policy(0, SCHED_IDLE);
                         return r < 0 ? r : peer_failed(s);
                 }
                 struct need n = s->needs[s->need_head];
@@ -902,6 +935,7 @@ static int run(struct source *s) {
 
         /* Post-copy: what the destination asks for first, then the rest in order. */
         t = clock_now_ns();
+        idle_push(s);
         for (size_t di = 0; di < s->cfg->count; di++) {
                 const struct bitmap *p = &s->pending[di];
                 for (uint64_t b = bitmap_next_set(p, 0); b < p->nbits; b = bitmap_next_set(p, b + 1)) {
@@ -967,6 +1001,8 @@ int migrate_source_run(int fd, const struct migrate_source_config *cfg, struct m
         }
         if (r == 0)
                 r = run(&s);
+        if (s.push_idle)
+                set_policy(0, SCHED_OTHER); /* and the nice value it had */
         if (s.cctx)
                 log_debug("migration: blocks made at %.0f MB/s raw, %.0f MB/s compressed (to %.0f%%); "
                           "link %.0f MB/s (0: not the bottleneck); %u windows timed%s",

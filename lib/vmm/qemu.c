@@ -14,6 +14,7 @@
 #include "drafter/net.h"
 #include "qmp.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -455,7 +456,10 @@ static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool i
                 argv_add(a, "-append");
                 argv_add(a, "%s", cfg->boot_args);
         }
-        /* Drives in order, so the guest names them vda, vdb, …: a file node under a raw node. */
+        /* Drives in order, so the guest names them vda, vdb, …: a file node under a raw node.
+         * drop-cache=off: a VM started from a loaded state otherwise has QEMU fdatasync each
+         * image and drop its page cache (POSIX_FADV_DONTNEED) as it starts, in the downtime; our
+         * images' only writer is this QEMU (or our FUSE server), so no cached page is stale. */
         for (size_t i = 0; i < cfg->drive_count; i++) {
                 const struct vmm_drive *d = &cfg->drives[i];
                 _cleanup_free_ char *file = qemu_opt_escape(d->path);
@@ -463,7 +467,7 @@ static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool i
                         return -ENOMEM;
                 const char *ro = d->read_only ? "on" : "off";
                 argv_add(a, "-blockdev");
-                argv_add(a, "driver=file,node-name=file%zu,filename=%s,cache.direct=off,read-only=%s", i,
+                argv_add(a, "driver=file,node-name=file%zu,filename=%s,cache.direct=off,drop-cache=off,read-only=%s", i,
                          file, ro);
                 argv_add(a, "-blockdev");
                 argv_add(a, "driver=raw,node-name=%s,file=file%zu,read-only=%s", d->name, i, ro);
@@ -779,6 +783,25 @@ int vmm_stop(struct vmm *vm) {
         vmm_remove_sockets(vm);
         error_set(0, "%s", saved);
         return 0;
+}
+
+int vmm_yield_cpu(struct vmm *vm) {
+        if (!vm || vm->pid <= 0 || vm->reaped)
+                return 0;
+        char dir[64];
+        snprintf(dir, sizeof(dir), "/proc/%d/task", (int)vm->pid);
+        DIR *d = opendir(dir);
+        if (!d)
+                return error_set_errno(-errno, "qemu: cannot list the threads of process %d", (int)vm->pid);
+        struct sched_param sp = {0};
+        int r = 0;
+        /* Threads made later inherit the policy of the one that makes them. */
+        for (struct dirent *e; (e = readdir(d));)
+                if (e->d_name[0] != '.' && sched_setscheduler((pid_t)atoi(e->d_name), SCHED_IDLE, &sp) < 0 &&
+                    errno != ESRCH && r == 0)
+                        r = error_set_errno(-errno, "qemu: cannot lower the priority of thread %s", e->d_name);
+        closedir(d);
+        return r;
 }
 
 void vmm_free(struct vmm *vm) {

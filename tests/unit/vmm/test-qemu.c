@@ -12,6 +12,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,6 +122,26 @@ static void make_snapshot(const struct fixture *f, const char *state_path) {
         vmm_free(vm);
 }
 
+/* How many threads of process pid are not SCHED_IDLE (-1: none found). */
+static int threads_not_idle(pid_t pid) {
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+        DIR *d = opendir(path);
+        if (!d)
+                return -1;
+        int threads = 0, not_idle = 0;
+        for (struct dirent *e; (e = readdir(d));) {
+                if (e->d_name[0] == '.')
+                        continue;
+                threads++;
+                int policy = sched_getscheduler((pid_t)atoi(e->d_name));
+                if (policy >= 0 && policy != SCHED_IDLE)
+                        not_idle++;
+        }
+        closedir(d);
+        return threads ? not_idle : -1;
+}
+
 static void test_run_states(void **state) {
         struct fixture *f = *state;
         struct vmm_config cfg = config(f, f->run_a);
@@ -147,6 +168,11 @@ static void test_run_states(void **state) {
         assert_ok(vmm_pause(vm));
         assert_status(vm, "paused");
         assert_ok(vmm_resume(vm));
+        assert_status(vm, "running");
+
+        /* A VM that is done yields its CPUs: every thread idle-class, and it still answers. */
+        assert_ok(vmm_yield_cpu(vm));
+        assert_int_equal(threads_not_idle(pid), 0);
         assert_status(vm, "running");
 
         t0 = clock_now_ns();
