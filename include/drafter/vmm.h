@@ -96,6 +96,13 @@ int vmm_restore(struct vmm *vm, const char *state_path);
  * vmm_restore_wait() waits for it to end, with vmm_restore()'s result. The file must stay until
  * then. Between the two, only vmm_stop()/vmm_free() may be called. */
 int vmm_restore_start(struct vmm *vm, const char *state_path);
+/* vmm_restore_start() from a stream instead of a file: QEMU loads what is written to *ret_fd (a
+ * unix socket; the caller writes the state and closes it) as it arrives. */
+int vmm_restore_stream_start(struct vmm *vm, int *ret_fd);
+/* After vmm_restore_stream_start(), while the load cannot end (the stream's last byte is held
+ * back): QEMU runs the VM as soon as the load ends, without a `cont` after it (-EALREADY if the
+ * load had ended). A state saved from a paused VM still loads paused (vmm_resume() it). */
+int vmm_restore_autostart(struct vmm *vm);
 int vmm_restore_wait(struct vmm *vm);
 /* "quit" over QMP (up to 3 s), then SIGTERM (2 s), then SIGKILL; reaps the process and removes
  * its sockets. Idempotent; returns 0 and keeps the current error message, so error paths can

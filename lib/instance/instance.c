@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -401,6 +402,17 @@ struct instance {
         /* Receiving, under `lock`: the source said the state and config devices are final (EVENT
          * FINAL); the state load started ahead of the hand-over. */
         bool state_final, config_final, restore_started;
+        /* The state goes to QEMU as a stream (vmm_restore_stream_start) from a thread that holds
+         * its last byte back until the VM may run (feed_release): QEMU loads all the rest ahead
+         * of the hand-over and starts the VM itself the moment the byte comes. Under `lock`. */
+        struct {
+                pthread_t thread;
+                bool running, release, abort;
+                int fd, r;
+                char *buf;
+                size_t len;
+                char why[512];
+        } feed;
         pthread_mutex_t lock;
         pthread_cond_t changed;
         bool authority; /* a migration gave us the devices */
@@ -591,20 +603,96 @@ static void stop_warmer(struct instance *inst) {
         pthread_mutex_unlock(&inst->lock);
 }
 
-/* The exact state stream out of its padded device, into a file QEMU starts loading. */
+static int send_all(int fd, const char *buf, size_t len) {
+        while (len > 0) {
+                ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        return -errno;
+                buf += n;
+                len -= (size_t)n;
+        }
+        return 0;
+}
+
+static void *feed_thread(void *arg) {
+        struct instance *inst = arg;
+        int r = send_all(inst->feed.fd, inst->feed.buf, inst->feed.len - 1);
+        pthread_mutex_lock(&inst->lock);
+        while (r >= 0 && !inst->feed.release && !inst->feed.abort)
+                pthread_cond_wait(&inst->changed, &inst->lock);
+        bool abort = inst->feed.abort;
+        pthread_mutex_unlock(&inst->lock);
+        if (r >= 0 && !abort)
+                r = send_all(inst->feed.fd, inst->feed.buf + inst->feed.len - 1, 1);
+        pthread_mutex_lock(&inst->lock);
+        close(inst->feed.fd);
+        inst->feed.fd = -1;
+        inst->feed.r = r;
+        if (r < 0)
+                snprintf(inst->feed.why, sizeof(inst->feed.why), "restore: writing the state to QEMU: %s", strerror(-r));
+        pthread_mutex_unlock(&inst->lock);
+        return NULL;
+}
+
+/* Let the state's last byte go (or, with `abort`, none: the load fails) and wait for the thread. */
+static int end_feed(struct instance *inst, bool abort) {
+        pthread_mutex_lock(&inst->lock);
+        bool running = inst->feed.running;
+        inst->feed.running = false;
+        inst->feed.release = !abort;
+        inst->feed.abort = abort;
+        /* A QEMU that reads no more (its load waits for a block that will never come) must not
+         * hold the thread in send(). */
+        if (abort && running && inst->feed.fd >= 0)
+                shutdown(inst->feed.fd, SHUT_RDWR);
+        pthread_cond_broadcast(&inst->changed);
+        pthread_mutex_unlock(&inst->lock);
+        if (!running)
+                return 0;
+        pthread_join(inst->feed.thread, NULL);
+        free(inst->feed.buf);
+        inst->feed.buf = NULL;
+        return inst->feed.r < 0 ? error_set(inst->feed.r, "%s", inst->feed.why) : 0;
+}
+
+/* The exact state stream out of its padded device, to QEMU, which loads all but its last byte
+ * and is told to start the VM once it has that too (end_feed). */
 static int start_restore(struct instance *inst) {
-        char raw[4200];
-        snprintf(raw, sizeof(raw), "%s/state.raw", inst->runtime);
-        _cleanup_free_ char *buf = malloc(inst->cfg.state_bytes);
-        int r = buf ? block_device_read_at(inst->devs[inst->state], buf, inst->cfg.state_bytes, 0) : -ENOMEM;
-        /* In the downtime: no fsync for a file only this QEMU reads. */
-        if (r < 0 || (r = fs_write_file_replace(raw, buf, inst->cfg.state_bytes)) < 0)
+        size_t len = (size_t)inst->cfg.state_bytes;
+        _cleanup_free_ char *buf = len ? malloc(len) : NULL;
+        int r = !len ? error_set(-EINVAL, "restore: the package's config.json gives no state size")
+                : buf ? block_device_read_at(inst->devs[inst->state], buf, len, 0)
+                      : -ENOMEM;
+        if (r < 0)
                 return r;
         mark(inst, "stateRead");
         pthread_mutex_lock(&inst->lock);
         page_warmer_pause(inst->warmer); /* the load's faults first */
         pthread_mutex_unlock(&inst->lock);
-        return vmm_restore_start(inst->vm, raw);
+        int fd = -1;
+        if ((r = vmm_restore_stream_start(inst->vm, &fd)) < 0)
+                return r;
+        if ((r = vmm_restore_autostart(inst->vm)) < 0) {
+                close(fd);
+                return r;
+        }
+        pthread_mutex_lock(&inst->lock);
+        inst->feed.fd = fd;
+        inst->feed.buf = TAKE_PTR(buf);
+        inst->feed.len = len;
+        inst->feed.r = 0;
+        inst->feed.release = inst->feed.abort = false;
+        r = -pthread_create(&inst->feed.thread, NULL, feed_thread, inst);
+        inst->feed.running = r == 0;
+        pthread_mutex_unlock(&inst->lock);
+        if (r < 0) {
+                close(fd);
+                free(TAKE_PTR(inst->feed.buf));
+                return error_set(r, "restore: cannot start a thread");
+        }
+        return 0;
 }
 
 /* The state loaded (its load started here, or ahead of the hand-over); the VM runs; AfterResume. */
@@ -612,15 +700,20 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         inst->t_handover = MS_SINCE(inst->t0);
         mark_at(inst, "handover", since);
         int r;
-        if ((!inst->restore_started && (r = start_restore(inst)) < 0) || (r = vmm_restore_wait(inst->vm)) < 0)
+        if (!inst->restore_started && (r = start_restore(inst)) < 0)
+                return r;
+        /* The VM runs once QEMU has the last byte: a late copy into the page cache would undo
+         * what it writes from then on. */
+        stop_warmer(inst);
+        if ((r = end_feed(inst, false)) < 0 || (r = vmm_restore_wait(inst->vm)) < 0)
                 return r;
         inst->t_restored = MS_SINCE(inst->t0);
         mark(inst, "stateLoaded");
         log_debug("state %s %.1f ms after the hand-over", inst->restore_started ? "load ended" : "read and loaded",
                   MS_SINCE(since));
-        /* From now on the VM writes its pages: a late copy into the page cache would undo that. */
-        stop_warmer(inst);
-        if ((r = vmm_resume(inst->vm)) < 0)
+        const char *status;
+        if ((r = vmm_status(inst->vm, &status)) < 0 ||
+            (strcmp(status, "running") != 0 && (r = vmm_resume(inst->vm)) < 0)) /* saved paused */
                 return r;
         inst->resume_ms = MS_SINCE(since);
         inst->t_running = MS_SINCE(inst->t0);
@@ -1155,6 +1248,7 @@ int instance_suspend(struct instance *inst, bool skip_agent) {
 void instance_free(struct instance *inst) {
         if (!inst)
                 return;
+        end_feed(inst, true);
         vmm_free(inst->vm);
         stop_warmer(inst); /* it reads through the mount */
         fuse_export_stop(inst->fx);

@@ -4,7 +4,9 @@
  * share=on, so with the migration capability x-ignore-shared a migration to a file carries only
  * the device state; the RAM is the memory file itself. Restore starts QEMU with `-incoming defer
  * -S` and loads that state with migrate-incoming. Both use file migration channels (QEMU >= 9),
- * which take the path as a JSON string: no URI parsing, any file name works. */
+ * which take the path as a JSON string: no URI parsing, any file name works; a restore may also
+ * read the state from a unix socket we write into (a socket channel), and be told with `cont`
+ * while QEMU is still "inmigrate" to run the VM the moment the load ends. */
 #include "drafter/vmm.h"
 #include "drafter/cleanup.h"
 #include "drafter/clock.h"
@@ -30,6 +32,7 @@
 #include <stddef.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -1055,7 +1058,7 @@ int vmm_restore_start(struct vmm *vm, const char *state_path) {
         if (r < 0)
                 return error_prefix(r, "restore");
         free(vm->restore_path);
-        if (!(vm->restore_path = strdup(state_path)))
+        if (!(vm->restore_path = strdup_printf("file %s", state_path)))
                 return -ENOMEM;
         vm->restore_t0 = clock_now_ns();
         vm->restore_log_from = file_size_or_zero(vm->log_path);
@@ -1072,15 +1075,68 @@ int vmm_restore_start(struct vmm *vm, const char *state_path) {
         return 0;
 }
 
+/* {"channels":[{"channel-type":"main","addr":{"transport":"socket","type":"unix","path":…}}]} */
+static json_t *unix_channel_args(const char *path) {
+        return json_pack("{s:[{s:s, s:{s:s, s:s, s:s}}]}", "channels", "channel-type", "main", "addr", "transport",
+                         "socket", "type", "unix", "path", path);
+}
+
+int vmm_restore_stream_start(struct vmm *vm, int *ret_fd) {
+        if (!vm->incoming || vm->restoring)
+                return error_set(-EINVAL,
+                                 "restore: the VM was not started incoming, or has been restored already");
+        _cleanup_free_ char *path = strdup_printf("%s/state.sock", vm->runtime_dir);
+        if (!path)
+                return -ENOMEM;
+        int r = check_socket_path(path);
+        if (r < 0 || (r = vmm_set_ignore_shared(vm)) < 0)
+                return error_prefix(r, "restore");
+        unlink(path);
+        json_auto_t *args = unix_channel_args(path);
+        if (!args || json_object_set_new(args, "exit-on-error", json_false()) < 0)
+                return -ENOMEM;
+        vmm_drop_migration_events(vm);
+        vm->restore_log_from = file_size_or_zero(vm->log_path);
+        if ((r = vmm_qmp(vm, "migrate-incoming", args, NULL)) < 0)
+                return error_prefix(r, "restore: state stream %s", path);
+        /* QEMU listens once the command has returned; its load reads as the bytes come. */
+        struct sockaddr_un sa = {.sun_family = AF_UNIX};
+        snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+        _cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+                return error_set_errno(-errno, "restore: cannot connect to QEMU's state stream %s", path);
+        unlink(path); /* connected: the name has done its work */
+        free(vm->restore_path);
+        if (!(vm->restore_path = strdup_printf("stream %s", path)))
+                return -ENOMEM;
+        vm->restore_t0 = clock_now_ns();
+        vm->restore_bytes = 0;
+        vm->restoring = true;
+        *ret_fd = TAKE_FD(fd);
+        return 0;
+}
+
+int vmm_restore_autostart(struct vmm *vm) {
+        if (!vm->restoring)
+                return error_set(-EINVAL, "restore: no load was started");
+        /* While QEMU is "inmigrate", `cont` only asks it to run the VM once the load is done. */
+        int r = vmm_resume(vm);
+        const char *status;
+        if (r >= 0 && (r = vmm_status(vm, &status)) >= 0 && strcmp(status, "inmigrate") != 0)
+                r = error_set(-EALREADY, "restore: the load had ended (QEMU is %s) before the VM was told to start",
+                              status);
+        return r < 0 ? error_prefix(r, "restore: autostart") : 0;
+}
+
 int vmm_restore_wait(struct vmm *vm) {
         if (!vm->restoring)
                 return error_set(-EINVAL, "restore: no load was started");
         char what[1024];
-        snprintf(what, sizeof(what), "restore: cannot load state file %s", vm->restore_path);
+        snprintf(what, sizeof(what), "restore: cannot load state %s", vm->restore_path);
         int r = vmm_wait_migration(vm, what, vm->restore_log_from);
         if (r < 0)
                 return r;
-        snprintf(what, sizeof(what), "restore: state file %s", vm->restore_path);
+        snprintf(what, sizeof(what), "restore: state %s", vm->restore_path);
         if ((r = wait_run_state_left(vm, "inmigrate", what)) < 0)
                 return r;
         vm->incoming = vm->restoring = false;

@@ -7,6 +7,7 @@
 #include "drafter/cleanup.h"
 #include "drafter/clock.h"
 #include "drafter/error.h"
+#include "drafter/fs.h"
 #include "drafter/vmm.h"
 
 #include <dirent.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -301,6 +303,87 @@ static void test_stop_and_save(void **state) {
         assert_ok(vmm_resume(b));
         assert_status(b, "running");
         vmm_free(b);
+}
+
+static void write_all(int fd, const char *buf, size_t len) {
+        while (len > 0) {
+                ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
+                assert_true(n > 0);
+                buf += n;
+                len -= (size_t)n;
+        }
+}
+
+/* The state as a stream, its last byte held back: QEMU has loaded all but that and waits;
+ * told to start meanwhile (autostart), it runs the VM once the byte comes, with no `cont`
+ * after. A state saved from a paused VM loads paused (the source's run state wins). */
+static void test_restore_stream(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *running_path = test_path(f->dir, "running.bin");
+        _cleanup_free_ char *paused_path = test_path(f->dir, "paused.bin");
+        /* Each state with the RAM it was saved with (both VMs share the fixture's memory file). */
+        _cleanup_free_ char *running_ram = test_path(f->dir, "running.ram");
+        _cleanup_free_ char *paused_ram = test_path(f->dir, "paused.ram");
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *a = NULL;
+        assert_ok(vmm_start(&cfg, false, &a));
+        struct stopped_probe probe = {.vm = a};
+        assert_ok(vmm_stop_and_save_state(a, running_path, on_stopped, &probe));
+        vmm_free(a);
+        assert_ok(fs_copy_file(f->memory, running_ram, MEMORY_BYTES));
+        make_snapshot(f, paused_path);
+        assert_ok(fs_copy_file(f->memory, paused_ram, MEMORY_BYTES));
+
+        const char *paths[] = {running_path, paused_path}, *rams[] = {running_ram, paused_ram};
+        const char *after[] = {"running", "paused"};
+        for (int i = 0; i < 2; i++) {
+                assert_ok(fs_copy_file(rams[i], f->memory, MEMORY_BYTES));
+                int fd0 = open(paths[i], O_RDONLY | O_CLOEXEC);
+                assert_true(fd0 >= 0);
+                size_t len = (size_t)file_size(paths[i]);
+                _cleanup_free_ char *buf = malloc(len);
+                assert_non_null(buf);
+                assert_int_equal(read(fd0, buf, len), (ssize_t)len);
+                close(fd0);
+
+                struct vmm_config cfg_b = config(f, f->run_b);
+                struct vmm *b = NULL;
+                assert_ok(vmm_start(&cfg_b, true, &b));
+                int fd = -1;
+                assert_ok(vmm_restore_stream_start(b, &fd));
+                assert_ok(vmm_restore_autostart(b));
+                write_all(fd, buf, len - 1);
+                clock_sleep_ns(100 * NSEC_PER_MSEC);
+                assert_status(b, "inmigrate"); /* all but one byte: still loading */
+                uint64_t t0 = clock_now_ns();
+                write_all(fd, buf + len - 1, 1);
+                close(fd);
+                assert_ok(vmm_restore_wait(b));
+                print_message("stream restore, %s state: last byte to the load's end %.1f ms\n", after[i],
+                              (clock_now_ns() - t0) / 1e6);
+                assert_status(b, after[i]);
+                if (i == 1) {
+                        assert_ok(vmm_resume(b));
+                        assert_status(b, "running");
+                }
+                vmm_free(b);
+        }
+
+        /* A stream cut short fails the load with a message, and QEMU can be stopped. */
+        struct vmm_config cfg_c = config(f, f->run_b);
+        struct vmm *c = NULL;
+        assert_ok(vmm_start(&cfg_c, true, &c));
+        int fd = -1;
+        assert_ok(vmm_restore_stream_start(c, &fd));
+        write_all(fd, "QEVM", 4);
+        close(fd);
+        int r = vmm_restore_wait(c);
+        print_message("cut stream: %d: %s\n", r, error_message());
+        assert_true(r < 0);
+        assert_non_null(strstr(error_message(), "stream"));
+        pid_t pid = vmm_pid(c);
+        vmm_free(c);
+        assert_process_gone(pid);
 }
 
 /* Restoring `state_path` must fail with a message naming it, and leave nothing behind. */
@@ -631,6 +714,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_run_states, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_snapshot_restore, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_stop_and_save, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_restore_stream, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_corrupt_state, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_restore_missing_state, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_memory_file_size, setup, teardown),
