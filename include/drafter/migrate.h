@@ -103,9 +103,10 @@ struct migrate_destination_config {
         uint64_t read_timeout_ns; /* how long a read waits for a missing block; 0: forever */
         /* Optional, called on the receiving thread in the order of the stream: blocks [first,
          * first+count) of device `index` arrived (are present now; `zero`: all zeros, a zero
-         * run); block `block` is about to
-         * go missing again (a DIRTY list). on_authority is called on the same thread. */
-        void (*on_blocks)(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero);
+         * run; `data`: a single block's contents as written, valid for the call only, or NULL);
+         * block `block` is about to go missing again (a DIRTY list). on_authority is called on
+         * the same thread. */
+        void (*on_blocks)(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero, const void *data);
         void (*on_dirty)(void *ctx, size_t index, uint64_t block);
         /* Optional, on the receiving thread: device `index` holds its final contents (EVENT
          * FINAL, checked: no block missing) ahead of the hand-over. */

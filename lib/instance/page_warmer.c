@@ -48,6 +48,8 @@ struct page_warmer {
         uint64_t drain_deadline_ns;
         pthread_t thread;
         uint64_t blocks_read, t_busy_ns;
+        void *store_buf; /* page_warmer_store(): one block read back from the device */
+        uint64_t blocks_stored, t_store_ns;
 };
 
 int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *dev, struct page_warmer **ret) {
@@ -246,6 +248,74 @@ void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, 
         }
 }
 
+/* Store one block (read back from the device if `data` is NULL). Called with the lock held and
+ * no store of the block in flight. */
+static int store_locked(struct page_warmer *w, uint64_t block, const void *data) {
+        uint64_t t = clock_now_ns(), off = block * w->dev->block_size;
+        size_t len = (size_t)(MIN(off + w->dev->block_size, w->dev->size) - off);
+        int r = w->read_through ? -EOPNOTSUPP : 0;
+        if (r >= 0 && !data) {
+                if (!w->store_buf && !(w->store_buf = malloc(w->dev->block_size)))
+                        r = -ENOMEM;
+                if (r >= 0 && (r = block_device_read_at(w->dev, w->store_buf, len, off)) >= 0)
+                        data = w->store_buf;
+        }
+        if (r >= 0 && (r = fuse_export_store(w->fx, w->index, off, data, len)) < 0) {
+                log_debug("page cache: %s; reading through the file instead", error_message());
+                w->read_through = true;
+        }
+        if (r >= 0) {
+                bitmap_clear(&w->queued, block);
+                bitmap_set(&w->cached, block);
+                w->blocks_stored++;
+                w->t_store_ns += clock_now_ns() - t;
+        }
+        return r;
+}
+
+int page_warmer_store(struct page_warmer *w, uint64_t block, const void *data) {
+        if (block >= w->queued.nbits)
+                return -ERANGE;
+        lock_block(w, block); /* a store of the thread's may have read an older copy */
+        int r = store_locked(w, block, data);
+        pthread_mutex_unlock(&w->lock);
+        return r;
+}
+
+/* No read can hold a page of `block` while it waits for a missing block: a read is one
+ * readahead window (a block at most, on a destination's mount: FUSE_EXPORT_BLOCK_READAHEAD), so
+ * it covers this block and one neighbour, and all three are here. */
+static bool nothing_waits_on(struct page_warmer *w, uint64_t block) {
+        uint64_t n = w->queued.nbits;
+        return waiting_cache_present(w->dev, block) && (block == 0 || waiting_cache_present(w->dev, block - 1)) &&
+               (block + 1 >= n || waiting_cache_present(w->dev, block + 1));
+}
+
+static bool in_flight(struct page_warmer *w, uint64_t block) {
+        return w->flight_count && block >= w->flight_first && block < w->flight_first + w->flight_count;
+}
+
+void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data) {
+        if (block >= w->queued.nbits)
+                return;
+        lock_block(w, block);
+        if (!nothing_waits_on(w, block) || store_locked(w, block, data) < 0) {
+                drop_cached(w, block);
+                bitmap_set(&w->queued, block);
+                w->arrived_ns[block] = clock_now_ns();
+        }
+        /* A queued neighbour that waited for this one to be here. One the thread is storing is
+         * left to it: waiting for its store could mean waiting for a read that waits for us. */
+        for (int d = -1; d <= 1; d += 2) {
+                uint64_t nb = block + (uint64_t)(int64_t)d;
+                if ((d < 0 && block == 0) || nb >= w->queued.nbits)
+                        continue;
+                if (bitmap_test(&w->queued, nb) && !in_flight(w, nb) && nothing_waits_on(w, nb))
+                        store_locked(w, nb, NULL);
+        }
+        pthread_mutex_unlock(&w->lock);
+}
+
 void page_warmer_dirtied(struct page_warmer *w, uint64_t block) {
         lock_block(w, block);
         /* No read of it is in flight (we hold the lock), none starts until it is back. */
@@ -268,8 +338,11 @@ void page_warmer_free(struct page_warmer *w) {
         pthread_mutex_unlock(&w->lock);
         if (w->running)
                 pthread_join(w->thread, NULL);
-        log_debug("page cache: %" PRIu64 " blocks read ahead in %.1f ms, the last %" PRIu64 " in %.1f ms before the VM ran",
-                  w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before, (clock_now_ns() - t) / 1e6);
+        log_debug("page cache: %" PRIu64 " blocks stored as they arrived in %.1f ms, %" PRIu64 " read ahead in %.1f ms, "
+                  "the last %" PRIu64 " in %.1f ms before the VM ran",
+                  w->blocks_stored, w->t_store_ns / 1e6, w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before,
+                  (clock_now_ns() - t) / 1e6);
+        free(w->store_buf);
         bitmap_free(&w->queued);
         bitmap_free(&w->cached);
         free(w->arrived_ns);

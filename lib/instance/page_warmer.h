@@ -2,7 +2,9 @@
  * blocks arrive, so that the VM's first touches after the hand-over are minor faults instead of
  * FUSE reads (each of which fetches a whole readahead window, megabytes, on the downtime path).
  *
- * A thread copies every arrived block from the device into the FUSE file's page cache
+ * The receiving thread stores each block as it writes it (page_warmer_store, and while QEMU may
+ * read the file page_warmer_landed); what it could not store is queued for the warmer's thread.
+ * That thread copies every queued block from the device into the FUSE file's page cache
  * (fuse_export_store: the kernel takes the data without a read request; where it cannot, the
  * thread reads the block through the file, readahead off). When a block it cached arrives again
  * (a pre-copy cycle) or is about to go missing (a DIRTY list), its cached pages are dropped
@@ -33,6 +35,18 @@ void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, 
 void page_warmer_dirtied(struct page_warmer *w, uint64_t block);
 /* No store starts until page_warmer_free() (one in flight lands); thread-safe. NULL is fine. */
 void page_warmer_pause(struct page_warmer *w);
+/* Store block `block` (its contents `data`, or NULL: read from the device) into the page cache
+ * now, on the caller's thread, over any older copy there: for the receiving thread, which has
+ * just written it. Only while nothing reads the file (before QEMU's state load): a read holding
+ * a page of the block while it waits for a missing block, which only the caller would deliver,
+ * would hold the store forever. Fails (and the caller queues the block instead) where the kernel
+ * refuses stores. */
+int page_warmer_store(struct page_warmer *w, uint64_t block, const void *data);
+/* Block `block` (contents `data`, or NULL) arrived while QEMU may be reading the file (its state
+ * load), before the VM runs: stored now if no read can be waiting with a page of it held (it and
+ * both neighbours are here), else queued; a queued neighbour that now qualifies is stored too.
+ * Never waits for a read that waits for a missing block. */
+void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data);
 /* Cache what is still queued (the last blocks of a migration: the VM's hottest pages, about to
  * be touched first), for at most a few ms; stop the thread and free. NULL is fine. */
 void page_warmer_free(struct page_warmer *w);

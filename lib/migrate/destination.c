@@ -129,9 +129,9 @@ static unsigned supply_flags(struct destination *d) {
 
 /* supplied: waiting_cache_supply's result (1: written). */
 static void notify_blocks(struct destination *d, size_t index, uint64_t first, uint64_t count, int supplied,
-                          bool zero) {
+                          bool zero, const void *data) {
         if (supplied > 0 && d->cfg.on_blocks)
-                d->cfg.on_blocks(d->cfg.ctx, index, first, count, zero);
+                d->cfg.on_blocks(d->cfg.ctx, index, first, count, zero, data);
 }
 
 /* The link delivers or dirties blocks [first, first+count) of device i: S3 must not overwrite them. */
@@ -186,7 +186,7 @@ static void s3_deliver(void *ctx, uint64_t object, const uint8_t *data, size_t l
                         if (r > 0) {
                                 __atomic_fetch_add(&d->stats.s3_blocks, 1, __ATOMIC_RELAXED);
                                 if (d->cfg.on_blocks)
-                                        d->cfg.on_blocks(d->cfg.ctx, s3->index, b, 1, zero);
+                                        d->cfg.on_blocks(d->cfg.ctx, s3->index, b, 1, zero, NULL);
                         }
                 }
                 pthread_mutex_unlock(&d->s3_lock);
@@ -234,7 +234,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
         case MIGRATE_BLOCK:
                 r = waiting_cache_supply(dev, m->block.block, m->block.data, supply_flags(d));
                 d->stats.blocks_sent++; /* counted as received */
-                notify_blocks(d, m->device, m->block.block, 1, r, false);
+                notify_blocks(d, m->device, m->block.block, 1, r, false, m->block.data);
                 break;
         case MIGRATE_BLOCK_ZSTD: {
                 size_t len = block_device_block_length(dev, m->block.block);
@@ -245,7 +245,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 r = waiting_cache_supply(dev, m->block.block, d->block_buf, supply_flags(d));
                 d->stats.blocks_sent++;
                 d->stats.compressed_blocks++;
-                notify_blocks(d, m->device, m->block.block, 1, r, false);
+                notify_blocks(d, m->device, m->block.block, 1, r, false, d->block_buf);
                 break;
         }
         case MIGRATE_BLOCK_ZERO:
@@ -253,7 +253,7 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 for (uint64_t b = m->range.first; b < m->range.first + m->range.count && r >= 0; b++) {
                         r = waiting_cache_supply(dev, b, d->block_buf, supply_flags(d));
                         d->stats.zero_blocks++;
-                        notify_blocks(d, m->device, b, 1, r, true);
+                        notify_blocks(d, m->device, b, 1, r, true, NULL);
                 }
                 break;
         case MIGRATE_DIRTY:
@@ -349,7 +349,7 @@ static int receive(struct destination *d, struct migrate_reader *rd, struct migr
                             : -EOPNOTSUPP;
                 if (r != -EOPNOTSUPP) {
                         d->stats.blocks_sent++; /* counted as received */
-                        notify_blocks(d, m.device, m.block.block, 1, r, false);
+                        notify_blocks(d, m.device, m.block.block, 1, r, false, NULL);
                         return r < 0 ? r : 0;
                 }
                 if ((r = migrate_reader_take(rd, buf + 8, rd->left)) < 0)

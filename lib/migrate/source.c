@@ -890,17 +890,19 @@ static int precopy(struct source *s) {
                     final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
         log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,
                   push ? "pushed ahead of the hand-over" : "after the hand-over");
-        /* The lists go first even when the blocks follow at once: the destination starts
-         * reading (QEMU loads the state, which reads guest RAM) once the final-first devices
-         * are FINAL, and an older copy of a block must not be there to read by then. */
-        for (size_t di = 0; di < s->cfg->count; di++)
-                if (!s->cfg->devices[di].final_first && (r = send_dirty_list(s, di)) < 0)
+        /* The destination starts reading (QEMU loads the state, which reads guest RAM) once the
+         * final-first devices are FINAL, and an older copy of a block must not be there to read
+         * by then: the pushed blocks go ahead of them (nothing reads them on their way, so the
+         * destination puts them straight into its page cache), the list of those that follow
+         * the hand-over too. */
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                if (s->cfg->devices[di].final_first)
+                        continue;
+                if ((r = push ? send_pending(s, di) : send_dirty_list(s, di)) < 0)
                         return r;
+        }
         if ((r = send_final_first(s)) < 0)
                 return r;
-        for (size_t di = 0; di < s->cfg->count && push; di++)
-                if ((r = send_pending(s, di)) < 0)
-                        return r;
         if (push)
                 s->stats.final_pushed = true;
         return 0;
