@@ -412,6 +412,8 @@ struct instance {
                 char *buf;
                 size_t len;
                 char why[512];
+                /* prepare_restore(): QEMU waits for the stream on this end (-1: not yet). */
+                int ready_fd;
         } feed;
         pthread_mutex_t lock;
         pthread_cond_t changed;
@@ -472,6 +474,7 @@ static struct instance *instance_new(const struct device_list *devices, const st
         inst->state = index_of(devices, "state");
         inst->memory = index_of(devices, "memory");
         inst->config = index_of(devices, "config");
+        inst->feed.ready_fd = -1;
         pthread_mutex_init(&inst->lock, NULL);
         pthread_cond_init(&inst->changed, NULL);
         return inst;
@@ -639,6 +642,10 @@ static void *feed_thread(void *arg) {
 /* Let the state's last byte go (or, with `abort`, none: the load fails) and wait for the thread. */
 static int end_feed(struct instance *inst, bool abort) {
         pthread_mutex_lock(&inst->lock);
+        if (inst->feed.ready_fd >= 0) { /* prepared, never fed: the load fails */
+                close(inst->feed.ready_fd);
+                inst->feed.ready_fd = -1;
+        }
         bool running = inst->feed.running;
         inst->feed.running = false;
         inst->feed.release = !abort;
@@ -657,6 +664,25 @@ static int end_feed(struct instance *inst, bool abort) {
         return inst->feed.r < 0 ? error_set(inst->feed.r, "%s", inst->feed.why) : 0;
 }
 
+/* QEMU waits for the state on a stream and is told to start the VM once the load is done: the
+ * two QMP round trips, ahead of the state (a receiving peer does this while the blocks stream
+ * in, off the downtime). */
+static int prepare_restore(struct instance *inst) {
+        if (inst->feed.ready_fd >= 0)
+                return 0;
+        int fd = -1, r;
+        if ((r = vmm_restore_stream_start(inst->vm, &fd)) < 0)
+                return r;
+        if ((r = vmm_restore_autostart(inst->vm)) < 0) {
+                close(fd);
+                return r;
+        }
+        pthread_mutex_lock(&inst->lock);
+        inst->feed.ready_fd = fd;
+        pthread_mutex_unlock(&inst->lock);
+        return 0;
+}
+
 /* The exact state stream out of its padded device, to QEMU, which loads all but its last byte
  * and is told to start the VM once it has that too (end_feed). */
 static int start_restore(struct instance *inst) {
@@ -671,14 +697,10 @@ static int start_restore(struct instance *inst) {
         pthread_mutex_lock(&inst->lock);
         page_warmer_pause(inst->warmer); /* the load's faults first */
         pthread_mutex_unlock(&inst->lock);
-        int fd = -1;
-        if ((r = vmm_restore_stream_start(inst->vm, &fd)) < 0)
+        if ((r = prepare_restore(inst)) < 0)
                 return r;
-        if ((r = vmm_restore_autostart(inst->vm)) < 0) {
-                close(fd);
-                return r;
-        }
         pthread_mutex_lock(&inst->lock);
+        int fd = TAKE_FD(inst->feed.ready_fd);
         inst->feed.fd = fd;
         inst->feed.buf = TAKE_PTR(buf);
         inst->feed.len = len;
@@ -949,6 +971,8 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                 return receive_failed(inst, r);
         start_warmer(inst);
         if ((r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
+                return receive_failed(inst, r);
+        if ((r = prepare_restore(inst)) < 0)
                 return receive_failed(inst, r);
         log_info("Started QEMU after %.1f ms; waiting for the source to hand over", MS_SINCE(inst->t0));
         /* The source holds its suspend until now (EVENT READY). */
