@@ -433,7 +433,9 @@ static int build_argv(const struct vmm *vm, const struct vmm_config *cfg, bool i
         argv_add(a, "-display");
         argv_add(a, "none");
         argv_add(a, "-machine");
-        argv_add(a, "q35,memory-backend=mem");
+        /* suppress-vmdesc: no JSON description of every device's fields (~46 KB, built by the
+         * save and skipped by the load) after the state: both are in the downtime. */
+        argv_add(a, "q35,memory-backend=mem,suppress-vmdesc=on");
         argv_add(a, "-object");
         argv_add(a, "memory-backend-file,id=mem,size=%" PRIu64 ",mem-path=%s,share=on", cfg->memory_bytes,
                  mem);
