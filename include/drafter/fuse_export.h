@@ -52,6 +52,10 @@ int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_dev
 /* Path of device `index` inside the mount (valid until stop). */
 const char *fuse_export_path(struct fuse_export *fx, size_t index);
 
+/* The most bytes one read request (or one readahead window, all of whose pages are locked
+ * together) of a device file covers: the mount's readahead. */
+uint32_t fuse_export_read_window(const struct fuse_export *fx);
+
 /* Write back every page dirtied through mappings or the page cache, and wait until the devices
  * have received them all. Thread-safe. */
 int fuse_export_sync(struct fuse_export *fx);

@@ -856,14 +856,15 @@ static int receive_failed(struct instance *inst, int r) {
 
 /* The warmer is used under inst->lock, so instance_free() can take it away from under the
  * receiving thread, and it is gone before the VM runs. A memory block goes into the page cache
- * as it arrives, on this thread: until QEMU starts loading the state nothing reads the file;
- * from then on (a final set left to post-copy, before the VM runs) only where no read can be waiting with
- * one of its pages held (page_warmer_landed). */
+ * as it arrives, on this thread: until QEMU may be loading the state (it starts at FINAL, or
+ * after the hand-over: a lazy start, a source without FINAL) nothing reads the file; from then
+ * on only where no read can be waiting with one of its pages held (page_warmer_landed). */
 static void on_blocks(void *ctx, size_t index, uint64_t first, uint64_t count, bool zero, const void *data) {
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
         struct page_warmer *w = index == inst->warm_index ? inst->warmer : NULL;
-        if (w && count == 1 && !zero && inst->restore_started)
+        bool readers = inst->restore_started || inst->authority;
+        if (w && count == 1 && !zero && readers)
                 page_warmer_landed(w, first, data);
         else if (w && !(count == 1 && !zero && page_warmer_store(w, first, data) >= 0))
                 page_warmer_arrived(w, first, count, zero);

@@ -282,13 +282,23 @@ int page_warmer_store(struct page_warmer *w, uint64_t block, const void *data) {
         return r;
 }
 
-/* No read can hold a page of `block` while it waits for a missing block: a read is one
- * readahead window (a block at most, on a destination's mount: FUSE_EXPORT_BLOCK_READAHEAD), so
- * it covers this block and one neighbour, and all three are here. */
+/* The blocks a read holding a page of `block` can cover: one read window (its pages are locked
+ * together) on either side. */
+static void reach(struct page_warmer *w, uint64_t block, uint64_t *ret_first, uint64_t *ret_last) {
+        uint64_t bs = w->dev->block_size, off = block * bs, win = fuse_export_read_window(w->fx);
+        *ret_first = off > win ? (off - win) / bs : 0;
+        *ret_last = MIN(w->queued.nbits - 1, (off + bs + win - 1) / bs);
+}
+
+/* No read can hold a page of `block` while it waits for a missing block: every block within its
+ * reach is here. */
 static bool nothing_waits_on(struct page_warmer *w, uint64_t block) {
-        uint64_t n = w->queued.nbits;
-        return waiting_cache_present(w->dev, block) && (block == 0 || waiting_cache_present(w->dev, block - 1)) &&
-               (block + 1 >= n || waiting_cache_present(w->dev, block + 1));
+        uint64_t first, last;
+        reach(w, block, &first, &last);
+        for (uint64_t b = first; b <= last; b++)
+                if (!waiting_cache_present(w->dev, b))
+                        return false;
+        return true;
 }
 
 static bool in_flight(struct page_warmer *w, uint64_t block) {
@@ -304,15 +314,14 @@ void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data)
                 bitmap_set(&w->queued, block);
                 w->arrived_ns[block] = clock_now_ns();
         }
-        /* A queued neighbour that waited for this one to be here. One the thread is storing is
-         * left to it: waiting for its store could mean waiting for a read that waits for us. */
-        for (int d = -1; d <= 1; d += 2) {
-                uint64_t nb = block + (uint64_t)(int64_t)d;
-                if ((d < 0 && block == 0) || nb >= w->queued.nbits)
-                        continue;
-                if (bitmap_test(&w->queued, nb) && !in_flight(w, nb) && nothing_waits_on(w, nb))
+        /* A queued block within reach that waited for this one to be here. One the thread is
+         * storing is left to it: waiting for its store could mean waiting for a read that waits
+         * for us. */
+        uint64_t first, last;
+        reach(w, block, &first, &last);
+        for (uint64_t nb = first; nb <= last; nb++)
+                if (nb != block && bitmap_test(&w->queued, nb) && !in_flight(w, nb) && nothing_waits_on(w, nb))
                         store_locked(w, nb, NULL);
-        }
         pthread_mutex_unlock(&w->lock);
 }
 

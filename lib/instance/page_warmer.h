@@ -43,9 +43,10 @@ void page_warmer_pause(struct page_warmer *w);
  * refuses stores. */
 int page_warmer_store(struct page_warmer *w, uint64_t block, const void *data);
 /* Block `block` (contents `data`, or NULL) arrived while QEMU may be reading the file (its state
- * load), before the VM runs: stored now if no read can be waiting with a page of it held (it and
- * both neighbours are here), else queued; a queued neighbour that now qualifies is stored too.
- * Never waits for a read that waits for a missing block. */
+ * load), before the VM runs: stored now if no read can be waiting with a page of it held (every
+ * block within a read window of it is here: fuse_export_read_window), else queued; a queued
+ * block within reach that now qualifies is stored too. Never waits for a read that waits for a
+ * missing block. */
 void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data);
 /* Cache what is still queued (the last blocks of a migration: the VM's hottest pages, about to
  * be touched first), for at most a few ms; stop the thread and free. NULL is fine. */

@@ -463,6 +463,12 @@ int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_dev
         return 0;
 }
 
+uint32_t fuse_export_read_window(const struct fuse_export *fx) {
+        return fx->flags & FUSE_EXPORT_NO_READAHEAD ? NO_READAHEAD
+             : fx->flags & FUSE_EXPORT_BLOCK_READAHEAD ? BLOCK_READAHEAD
+                                                      : MAX_READ;
+}
+
 const char *fuse_export_path(struct fuse_export *fx, size_t index) {
         return index < fx->count ? fx->paths[index] : NULL;
 }

@@ -2,7 +2,8 @@
  * what the memory file reads from then on, with no read request reaching the device (the device
  * underneath is changed behind the export's back to tell the two apart); a store replaces an
  * older cached copy; a dirtied block's cached copy is dropped; a block that lands while QEMU may
- * read the file is stored only once no read can wait on it (page_warmer_landed). Needs /dev/fuse
+ * read the file is stored only once no read can wait on it, every block within a read window
+ * of it being here (page_warmer_landed). Needs /dev/fuse
  * and permission to mount (root here); skips (77) only without them. */
 #include "helpers.h"
 #include "drafter/cleanup.h"
@@ -148,6 +149,20 @@ static void test_landed_waits_for_neighbours(void **state) {
         assert_int_equal(file_byte(f, 8), 'x'); /* not stored: the read reached the device */
 }
 
+/* A read window (this mount's: fuse_export_read_window, beyond a block) reaches further than
+ * the next block: a missing block four away holds the store too. */
+static void test_landed_waits_for_window(void **state) {
+        struct fixture *f = *state;
+        assert_true(fuse_export_read_window(f->fx) >= 5 * BS);
+        go_missing(f, 12);
+        land(f, 8, 'p');
+        behind_the_back(f, 8, 'x');
+        _cleanup_free_ char *block = malloc(BS);
+        fill(block, 'q');
+        assert_int_equal(waiting_cache_supply(f->dev, 12, block, 0), 1);
+        assert_int_equal(file_byte(f, 8), 'x');
+}
+
 static void test_landed_stores_queued_neighbour(void **state) {
         struct fixture *f = *state;
         go_missing(f, 8);
@@ -171,6 +186,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_store_replaces_cached_copy, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_dirtied_drops_stored_copy, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_landed_waits_for_neighbours, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_landed_waits_for_window, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_landed_stores_queued_neighbour, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
