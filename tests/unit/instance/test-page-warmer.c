@@ -3,8 +3,8 @@
  * underneath is changed behind the export's back to tell the two apart); a store replaces an
  * older cached copy; a dirtied block's cached copy is dropped; a block that lands while QEMU may
  * read the file is stored only once no read can wait on it, every block within a read window
- * of it being here (page_warmer_landed). Needs /dev/fuse
- * and permission to mount (root here); skips (77) only without them. */
+ * of it being here (page_warmer_landed). Needs /dev/fuse and permission to mount (root here);
+ * skips (77) only without them. */
 #include "helpers.h"
 #include "drafter/cleanup.h"
 #include "drafter/error.h"
