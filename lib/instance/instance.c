@@ -863,11 +863,14 @@ static void on_blocks(void *ctx, size_t index, uint64_t first, uint64_t count, b
         struct instance *inst = ctx;
         pthread_mutex_lock(&inst->lock);
         struct page_warmer *w = index == inst->warm_index ? inst->warmer : NULL;
-        bool readers = inst->restore_started || inst->authority;
-        if (w && count == 1 && !zero && readers)
-                page_warmer_landed(w, first, data);
-        else if (w && !(count == 1 && !zero && page_warmer_store(w, first, data) >= 0))
+        if (w && count == 1 && !zero) {
+                if (inst->restore_started || inst->authority) /* QEMU may be reading */
+                        page_warmer_landed(w, first, data);
+                else if (page_warmer_store(w, first, data) < 0)
+                        page_warmer_arrived(w, first, 1, false);
+        } else if (w) {
                 page_warmer_arrived(w, first, count, zero);
+        }
         pthread_mutex_unlock(&inst->lock);
 }
 

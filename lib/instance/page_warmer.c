@@ -205,10 +205,15 @@ int page_warmer_run(struct page_warmer *w) {
         return r == 0 ? 0 : error_set(-r, "page cache: cannot start a thread");
 }
 
+/* A store of the thread's covers `block` with the lock released. Called with the lock held. */
+static bool in_flight(struct page_warmer *w, uint64_t block) {
+        return w->flight_count && block >= w->flight_first && block < w->flight_first + w->flight_count;
+}
+
 /* Lock, and wait until no read of `block` is in flight. */
 static void lock_block(struct page_warmer *w, uint64_t block) {
         pthread_mutex_lock(&w->lock);
-        while (w->flight_count && block >= w->flight_first && block < w->flight_first + w->flight_count) {
+        while (in_flight(w, block)) {
                 if (!w->boosted && !w->draining && w->tid > 0)
                         w->boosted = set_policy(w->tid, SCHED_OTHER);
                 pthread_cond_wait(&w->landed, &w->lock);
@@ -231,18 +236,25 @@ static void drop_cached(struct page_warmer *w, uint64_t block) {
                 log_debug("%s", error_message());
 }
 
+/* Block `block` arrived (its older cached copy, if any, is stale now): for the thread to store
+ * once it has settled. Called with the lock held and no read of the block in flight. */
+static void queue_arrived(struct page_warmer *w, uint64_t block, uint64_t now) {
+        drop_cached(w, block);
+        bitmap_set(&w->queued, block);
+        w->arrived_ns[block] = now;
+}
+
 void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, bool zero) {
         /* A block sent again (a pre-copy cycle) replaces the one we may have cached (or are
          * reading: torn, perhaps). */
         uint64_t now = clock_now_ns();
         for (uint64_t b = first; b < first + count && b < w->queued.nbits; b++) {
                 lock_block(w, b);
-                drop_cached(w, b);
                 if (zero) {
+                        drop_cached(w, b);
                         bitmap_clear(&w->queued, b);
                 } else {
-                        bitmap_set(&w->queued, b);
-                        w->arrived_ns[b] = now;
+                        queue_arrived(w, b, now);
                 }
                 pthread_mutex_unlock(&w->lock);
         }
@@ -301,19 +313,12 @@ static bool nothing_waits_on(struct page_warmer *w, uint64_t block) {
         return true;
 }
 
-static bool in_flight(struct page_warmer *w, uint64_t block) {
-        return w->flight_count && block >= w->flight_first && block < w->flight_first + w->flight_count;
-}
-
 void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data) {
         if (block >= w->queued.nbits)
                 return;
         lock_block(w, block);
-        if (!nothing_waits_on(w, block) || store_locked(w, block, data) < 0) {
-                drop_cached(w, block);
-                bitmap_set(&w->queued, block);
-                w->arrived_ns[block] = clock_now_ns();
-        }
+        if (!nothing_waits_on(w, block) || store_locked(w, block, data) < 0)
+                queue_arrived(w, block, clock_now_ns());
         /* A queued block within reach that waited for this one to be here. One the thread is
          * storing is left to it: waiting for its store could mean waiting for a read that waits
          * for us. */

@@ -89,9 +89,7 @@ static void op_init(void *userdata, struct fuse_conn_info *conn) {
                 conn->want |= FUSE_CAP_ASYNC_READ;
         conn->want &= ~(unsigned)FUSE_CAP_AUTO_INVAL_DATA; /* sizes never change; we invalidate ourselves */
         conn->max_write = MAX_READ;
-        conn->max_readahead = fx->flags & FUSE_EXPORT_NO_READAHEAD      ? NO_READAHEAD
-                             : fx->flags & FUSE_EXPORT_BLOCK_READAHEAD ? BLOCK_READAHEAD
-                                                                       : MAX_READ;
+        conn->max_readahead = fuse_export_read_window(fx);
 }
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
