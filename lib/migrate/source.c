@@ -75,7 +75,9 @@ struct source {
         size_t buf_cap, zstd_cap;
         ZSTD_CCtx *cctx;
         bool raw_only;          /* no compression: the VM is paused and the link outruns zstd */
-        double link_rate;       /* note_rate() */
+        double link_rate;       /* note_rate(): wire bytes/s */
+        double data_rate;       /* note_rate(): block bytes/s (data blocks, before compression) */
+        uint64_t data_bytes;    /* block bytes of the data blocks queued so far */
         uint64_t suspend_started_ns;
         uint64_t last_need_ns;       /* when the reader last queued a NEED_AT */
         /* After the hand-over the sending thread (sender_tid) pushes at idle priority, and runs at
@@ -321,12 +323,14 @@ static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, co
                         s->compress_misses = 0;
                         s->stats.compressed_blocks++;
                         s->zstd.wire += n;
+                        s->data_bytes += len;
                         return queue_frame(s, slot, MIGRATE_BLOCK_ZSTD, id, 8, out, n);
                 }
                 s->compress_misses = MIN(s->compress_misses + 1, 6u);
                 s->compress_skip = (1u << s->compress_misses) - 1;
         }
         s->zstd.wire += len;
+        s->data_bytes += len;
         return queue_frame(s, slot, MIGRATE_BLOCK, id, 8, data, len);
 }
 
@@ -473,10 +477,14 @@ static bool precopy_enabled(const struct migrate_source_device *sd) {
 }
 
 /* The link's rate as a stretch of sending showed it (bytes/s): the best seen, from stretches
- * long enough to mean something. The bulk pass alone says little: mostly zero runs. */
-static void note_rate(struct source *s, uint64_t bytes, uint64_t ns) {
-        if (bytes >= (1u << 20) && ns > 0)
-                s->link_rate = MAX(s->link_rate, bytes * 1e9 / ns);
+ * long enough to mean something, in wire bytes and in the data blocks' own bytes (higher when
+ * they went compressed: what a final push of blocks gets through). The bulk pass alone says
+ * little: mostly zero runs. */
+static void note_rate(struct source *s, uint64_t wire, uint64_t data, uint64_t ns) {
+        if (wire >= (1u << 20) && ns > 0)
+                s->link_rate = MAX(s->link_rate, wire * 1e9 / ns);
+        if (data >= (1u << 20) && ns > 0)
+                s->data_rate = MAX(s->data_rate, data * 1e9 / ns);
 }
 
 /* Pre-copy cycles. A device that has converged keeps its dirty blocks for the final phase. */
@@ -531,7 +539,7 @@ static int cycles(struct source *s) {
                                 return r;
                         bool done = (cycle + 1 >= sd->min_cycles && (int64_t)count <= sd->max_dirty_blocks) ||
                                     cycle + 1 >= sd->max_cycles;
-                        uint64_t t = clock_now_ns(), bytes = s->stats.bytes_sent;
+                        uint64_t t = clock_now_ns(), bytes = s->stats.bytes_sent, data = s->data_bytes;
                         for (size_t i = 0; i < count && r >= 0; i++) {
                                 if (done)
                                         bitmap_set(&s->pending[di], blocks[i]); /* kept for the final phase */
@@ -539,7 +547,7 @@ static int cycles(struct source *s) {
                                         r = send_block(s, di, blocks[i]);
                         }
                         if (r >= 0 && !done && (r = flush_blocks(s)) >= 0)
-                                note_rate(s, s->stats.bytes_sent - bytes, clock_now_ns() - t);
+                                note_rate(s, s->stats.bytes_sent - bytes, s->data_bytes - data, clock_now_ns() - t);
                         log_debug("migration: device %zu cycle %" PRId64 ": %zu dirty blocks%s", di, cycle + 1, count,
                                   done ? ", converged" : "");
                         free(blocks);
@@ -814,6 +822,58 @@ static int send_final_first(struct source *s) {
         return flush_blocks(s);
 }
 
+/* Add the blocks written since the last collection to device di's final set. */
+static int collect_pending(struct source *s, size_t di) {
+        uint64_t *blocks;
+        size_t count;
+        int r = collect(s, di, &blocks, &count);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < count; i++)
+                bitmap_set(&s->pending[di], blocks[i]);
+        free(blocks);
+        s->stats.final_dirty_blocks += bitmap_count(&s->pending[di]);
+        return 0;
+}
+
+/* The VM is paused: collect the final set and push the blocks of the devices that are not
+ * final-first ahead of the hand-over, or send their lists for post-copy. */
+static int final_set(struct source *s, bool *ret_pushed) {
+        int r;
+        if (s->cfg->before_collect && (r = s->cfg->before_collect(s->cfg->ctx)) < 0)
+                return r;
+        uint64_t final_bytes = 0;
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                if ((r = collect_pending(s, di)) < 0)
+                        return r;
+                if (!s->cfg->devices[di].final_first)
+                        final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
+        }
+        /* Zstd only where the link is slower than it, and the final blocks pushed ahead of the
+         * hand-over when the link moves them quicker than the destination could ask for them
+         * one fault at a time; else their list goes ahead and they follow the hand-over
+         * (post-copy). */
+        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
+        double rate = MAX(s->link_rate, s->data_rate);
+        bool push = s->cfg->push_budget_ns &&
+                    final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, rate * (double)s->cfg->push_budget_ns / 1e9);
+        log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s (%.0f MB/s of blocks): %s", final_bytes,
+                  s->link_rate / 1e6, s->data_rate / 1e6, push ? "pushed ahead of the hand-over" : "after the hand-over");
+        /* The destination starts reading (QEMU loads the state, which reads guest RAM) once the
+         * final-first devices are FINAL, and an older copy of a block must not be there to read
+         * by then: the pushed blocks go ahead of them (nothing reads them on their way, so the
+         * destination puts them straight into its page cache), the list of those that follow
+         * the hand-over too. */
+        for (size_t di = 0; di < s->cfg->count; di++) {
+                if (s->cfg->devices[di].final_first)
+                        continue;
+                if ((r = push ? send_pending(s, di) : send_dirty_list(s, di)) < 0)
+                        return r;
+        }
+        *ret_pushed = push;
+        return 0;
+}
+
 /* Everything before the hand-over: bulk pass, dirty cycles, barrier, suspend, the final set
  * (pushed, or listed for post-copy). */
 static int precopy(struct source *s) {
@@ -845,7 +905,7 @@ static int precopy(struct source *s) {
         if ((r = bulk(s)) < 0)
                 return r;
         s->stats.bulk_ns = clock_now_ns() - t;
-        note_rate(s, s->stats.bytes_sent, s->stats.bulk_ns);
+        note_rate(s, s->stats.bytes_sent, s->data_bytes, s->stats.bulk_ns);
         /* A destination still starting its VMM would make the suspend wait for it (and load the
          * state into a QEMU that has just started): the cycles begin once it can take the VM. */
         t = clock_now_ns();
@@ -862,49 +922,13 @@ static int precopy(struct source *s) {
                 return r;
         s->stats.cycles_ns = clock_now_ns() - t;
 
-        t = clock_now_ns();
-        s->suspend_started_ns = t;
-        uint64_t final_bytes = 0;
+        s->suspend_started_ns = clock_now_ns();
         if (s->cfg->suspend && (r = s->cfg->suspend(s->cfg->ctx)) < 0)
                 return r;
-        if (s->cfg->before_collect && (r = s->cfg->before_collect(s->cfg->ctx)) < 0)
+        bool push = false;
+        if ((r = final_set(s, &push)) < 0 || (r = send_final_first(s)) < 0)
                 return r;
-        for (size_t di = 0; di < s->cfg->count; di++) {
-                uint64_t *blocks;
-                size_t count;
-                if ((r = collect(s, di, &blocks, &count)) < 0)
-                        return r;
-                for (size_t i = 0; i < count; i++)
-                        bitmap_set(&s->pending[di], blocks[i]);
-                free(blocks);
-                s->stats.final_dirty_blocks += bitmap_count(&s->pending[di]);
-                if (!s->cfg->devices[di].final_first)
-                        final_bytes += bitmap_count(&s->pending[di]) * s->cfg->devices[di].dev->block_size;
-        }
-        /* While the VM is paused: zstd only where the link is slower than it, and the final
-         * blocks pushed ahead of the hand-over when the link moves them quicker than the
-         * destination could ask for them one fault at a time; else their list goes ahead and
-         * they follow the hand-over (post-copy). */
-        s->raw_only = s->link_rate > MIGRATE_RAW_RATE;
-        bool push = s->cfg->push_budget_ns &&
-                    final_bytes <= MAX(MIGRATE_PUSH_MIN_BYTES, s->link_rate * (double)s->cfg->push_budget_ns / 1e9);
-        log_debug("migration: final set %" PRIu64 " bytes, link %.0f MB/s: %s", final_bytes, s->link_rate / 1e6,
-                  push ? "pushed ahead of the hand-over" : "after the hand-over");
-        /* The destination starts reading (QEMU loads the state, which reads guest RAM) once the
-         * final-first devices are FINAL, and an older copy of a block must not be there to read
-         * by then: the pushed blocks go ahead of them (nothing reads them on their way, so the
-         * destination puts them straight into its page cache), the list of those that follow
-         * the hand-over too. */
-        for (size_t di = 0; di < s->cfg->count; di++) {
-                if (s->cfg->devices[di].final_first)
-                        continue;
-                if ((r = push ? send_pending(s, di) : send_dirty_list(s, di)) < 0)
-                        return r;
-        }
-        if ((r = send_final_first(s)) < 0)
-                return r;
-        if (push)
-                s->stats.final_pushed = true;
+        s->stats.final_pushed = push;
         return 0;
 }
 
