@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -112,26 +113,21 @@ static uint64_t state_capacity(uint64_t used) {
         return (cap + 65535) & ~(uint64_t)65535;
 }
 
-static int read_file(const char *path, char **ret_data, size_t *ret_len) {
+/* A file QEMU has just written, mapped read-only: its pages are in the page cache, where a read
+ * into a fresh buffer would fault that buffer in page by page (1.1-1.7 ms for a 385 KB state
+ * here, in a live migration's downtime). Empty files are an error. */
+static int map_file(const char *path, void **ret_data, size_t *ret_len) {
         _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
         struct stat st;
         if (fd < 0 || fstat(fd, &st) < 0)
                 return error_set_errno(-errno, "%s: cannot read", path);
-        char *data = malloc((size_t)st.st_size + 1);
-        if (!data)
-                return -ENOMEM;
-        size_t got = 0;
-        while (got < (size_t)st.st_size) {
-                ssize_t n = pread(fd, data + got, (size_t)st.st_size - got, (off_t)got);
-                if (n <= 0) {
-                        free(data);
-                        return error_set_errno(n < 0 ? -errno : -EIO, "%s: cannot read", path);
-                }
-                got += (size_t)n;
-        }
-        data[got] = '\0';
+        if (st.st_size == 0)
+                return error_set(-EIO, "%s: empty", path);
+        void *data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+        if (data == MAP_FAILED)
+                return error_set_errno(-errno, "%s: cannot map", path);
         *ret_data = data;
-        *ret_len = got;
+        *ret_len = (size_t)st.st_size;
         return 0;
 }
 
@@ -1047,6 +1043,7 @@ static int before_collect(void *ctx) {
 }
 
 static int suspend_into_devices(struct instance *inst, bool durable, bool skip_agent);
+static int store_state(struct instance *inst, const void *data, size_t len, bool durable);
 
 static int suspend_hook(void *ctx) {
         log_info("Suspending the VM for the hand-over");
@@ -1245,10 +1242,18 @@ static int suspend_into_devices(struct instance *inst, bool durable, bool skip_a
         if (!job.started && (r = fuse_export_sync(inst->fx)) < 0)
                 return r;
         mark(inst, "memorySynced");
-        _cleanup_free_ char *data = NULL;
         size_t len = 0;
-        if ((r = read_file(raw, &data, &len)) < 0)
+        void *data = NULL;
+        if ((r = map_file(raw, &data, &len)) < 0)
                 return r;
+        r = store_state(inst, data, len, durable);
+        munmap(data, len);
+        return r;
+}
+
+/* The state into the state device and config.json (then every device flushed when `durable`). */
+static int store_state(struct instance *inst, const void *data, size_t len, bool durable) {
+        int r;
         struct block_device *state = inst->devs[inst->state];
         if (len > state->size)
                 return error_set(-ENOSPC, "state: the snapshot has %zu bytes, the state device only %" PRIu64, len,

@@ -75,6 +75,7 @@ struct vmm {
         struct vmm_port ports[VMM_MAX_PORTS];
         size_t port_count;
         char status[32];
+        bool settling; /* a live save has returned: QEMU may still be in finish-migrate */
 };
 
 /* ---- small helpers ---- */
@@ -825,17 +826,33 @@ void vmm_free(struct vmm *vm) {
         free(vm);
 }
 
+static int wait_run_state_left(struct vmm *vm, const char *transient, const char *what);
+
+/* After a live save: wait until QEMU has left finish-migrate before the VM is commanded again
+ * (a `cont` before it would have QEMU mark the running VM postmigrate). */
+static int settle(struct vmm *vm) {
+        if (!vm->settling)
+                return 0;
+        vm->settling = false;
+        return wait_run_state_left(vm, "finish-migrate", "qemu: after the state save");
+}
+
 int vmm_pause(struct vmm *vm) {
-        return vmm_qmp(vm, "stop", NULL, NULL);
+        int r = settle(vm);
+        return r < 0 ? r : vmm_qmp(vm, "stop", NULL, NULL);
 }
 
 int vmm_resume(struct vmm *vm) {
-        return vmm_qmp(vm, "cont", NULL, NULL);
+        int r = settle(vm);
+        return r < 0 ? r : vmm_qmp(vm, "cont", NULL, NULL);
 }
 
 int vmm_status(struct vmm *vm, const char **ret_status) {
         json_auto_t *ret = NULL;
-        int r = vmm_qmp(vm, "query-status", NULL, &ret);
+        int r = settle(vm);
+        if (r < 0)
+                return r;
+        r = vmm_qmp(vm, "query-status", NULL, &ret);
         if (r < 0)
                 return r;
         const char *status = json_string_value(json_object_get(ret, "status"));
@@ -964,6 +981,7 @@ static int wait_stopped(struct vmm *vm, const char *what, uint64_t log_from) {
  * (on_stopped(ctx) is called on its STOP event, while QEMU writes the device state). */
 static int save_state(struct vmm *vm, const char *state_path, bool durable, void (*on_stopped)(void *),
                       void *ctx) {
+        bool live = on_stopped != NULL;
         const char *status;
         int r = vmm_status(vm, &status);
         if (r < 0)
@@ -1011,7 +1029,12 @@ static int save_state(struct vmm *vm, const char *state_path, bool durable, void
                 on_stopped(ctx);
         if (r >= 0)
                 r = vmm_wait_migration(vm, what, log_from);
-        if (r >= 0)
+        /* A live migration's save (the VM stopped by it) has its state once "completed" came:
+         * QEMU leaves finish-migrate a moment later (up to 5 ms here, in the downtime), and only
+         * what is next done to the VM needs to wait for that (settle()). */
+        if (r >= 0 && live)
+                vm->settling = true;
+        else if (r >= 0)
                 r = wait_run_state_left(vm, "finish-migrate", what);
         if (r >= 0 && ((durable && fsync(fd) < 0) || fchmod(fd, 0644) < 0))
                 r = error_set_errno(-errno, "snapshot: cannot sync %s", tmp);
