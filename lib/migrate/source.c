@@ -312,6 +312,7 @@ static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, co
         /* Compression costs more than it saves on incompressible data: after misses in a row,
          * try again only every so often (backing off up to every 64th block). A block read into
          * the slot's buffer is compressed from it into the same buffer's second half. */
+        s->data_bytes += len; /* either way */
         bool try_zstd = s->cctx && !s->raw_only && s->zstd.on;
         if (try_zstd && s->compress_skip > 0) {
                 s->compress_skip--;
@@ -323,14 +324,12 @@ static int queue_data_block(struct source *s, struct slot *slot, uint16_t id, co
                         s->compress_misses = 0;
                         s->stats.compressed_blocks++;
                         s->zstd.wire += n;
-                        s->data_bytes += len;
                         return queue_frame(s, slot, MIGRATE_BLOCK_ZSTD, id, 8, out, n);
                 }
                 s->compress_misses = MIN(s->compress_misses + 1, 6u);
                 s->compress_skip = (1u << s->compress_misses) - 1;
         }
         s->zstd.wire += len;
-        s->data_bytes += len;
         return queue_frame(s, slot, MIGRATE_BLOCK, id, 8, data, len);
 }
 
