@@ -121,6 +121,10 @@ int vmm_status(struct vmm *vm, const char **ret_status);
 
 /* The QEMU process id (still returned after it has been reaped, for messages). */
 pid_t vmm_pid(const struct vmm *vm);
+/* When QEMU last said the VM started running (its RESUME event, CLOCK_MONOTONIC ns as read;
+ * 0 if not yet). A restore's VM may run before vmm_restore_wait() returns: QEMU starts it as
+ * the load ends and says the migration completed after that. */
+uint64_t vmm_resumed_ns(const struct vmm *vm);
 /* Host end of virtio-serial port `name` (a unix socket path), or NULL. */
 const char *vmm_port_path(const struct vmm *vm, const char *name);
 /* The accelerator QEMU runs under: "kvm" or "tcg" (record it with a snapshot). */

@@ -764,6 +764,11 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         inst->resume_ms = MS_SINCE(since);
         inst->t_running = MS_SINCE(inst->t0);
         mark(inst, "running");
+        /* When the VM really started: QEMU starts it itself as the load ends (autostart), before
+         * it says the migration completed. */
+        uint64_t resumed = vmm_resumed_ns(inst->vm);
+        if (resumed >= since)
+                mark_at(inst, "resumed", resumed);
         r = call_agent(vmm_port_path(inst->vm, GUESTLINK_AGENT_PORT_NAME), "AfterResume", &inst->options);
         inst->t_answered = MS_SINCE(inst->t0);
         mark(inst, "afterResumeAnswered");

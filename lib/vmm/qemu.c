@@ -50,6 +50,8 @@
 #define VMM_EXIT_POLL_NS         (2 * NSEC_PER_MSEC)
 #define VMM_LOG_TAIL_MAX         480
 #define QEMU_FD_TABLE_MIN        256 /* descriptor slots a QEMU process starts with */
+#define QEMU_HEAP_MODULE         "drafter-qemu-heap.so"
+#define QEMU_HEAP_MIB            "8" /* pre-faulted heap (qemu_heap.c): a state load's fresh heap, twice */
 
 struct vmm_port {
         char *name;
@@ -562,6 +564,77 @@ static unsigned short hugepage_filter_build(struct sock_filter *f, uint64_t memo
 #endif
 }
 
+/* drafter-qemu-heap.so (lib/vmm/qemu_heap.c): $DRAFTER_QEMU_HEAP_MODULE if set, else beside our
+ * executable (a build tree) or in ../libexec/drafter (installed). NULL where none is: QEMU then
+ * starts without it. */
+static char *find_heap_module(void) {
+        const char *given = getenv("DRAFTER_QEMU_HEAP_MODULE");
+        if (given && *given)
+                return access(given, R_OK) == 0 ? strdup(given) : NULL;
+        char exe[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+        if (n <= 0)
+                return NULL;
+        exe[n] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (!slash)
+                return NULL;
+        *slash = '\0';
+        static const char *const where[] = {"", "/../libexec/drafter"};
+        for (size_t i = 0; i < ELEMENTSOF(where); i++) {
+                char *path = NULL;
+                if (asprintf(&path, "%s%s/%s", exe, where[i], QEMU_HEAP_MODULE) < 0)
+                        return NULL;
+                if (access(path, R_OK) == 0)
+                        return path;
+                free(path);
+        }
+        return NULL;
+}
+
+/* QEMU's environment: ours, with the heap module preloaded when we have it. Built before the
+ * fork (the child may only make async-signal-safe calls). */
+static char **qemu_environment(void) {
+        _cleanup_free_ char *module = find_heap_module();
+        size_t n = 0;
+        while (environ[n])
+                n++;
+        char **env = calloc(n + 3, sizeof(*env));
+        if (!env)
+                return NULL;
+        size_t k = 0;
+        const char *preload = NULL;
+        for (size_t i = 0; i < n; i++) {
+                if (module && strncmp(environ[i], "LD_PRELOAD=", 11) == 0)
+                        preload = environ[i] + 11;
+                else if (strncmp(environ[i], "DRAFTER_QEMU_HEAP_MIB=", 22) != 0)
+                        env[k++] = strdup(environ[i]);
+        }
+        if (module) {
+                if (asprintf(&env[k], "LD_PRELOAD=%s%s%s", module, preload ? ":" : "", preload ? preload : "") >= 0)
+                        k++;
+                env[k++] = strdup("DRAFTER_QEMU_HEAP_MIB=" QEMU_HEAP_MIB);
+        } else {
+                log_debug("qemu: no %s found: QEMU starts without it", QEMU_HEAP_MODULE);
+        }
+        bool ok = true;
+        for (size_t i = 0; i < k; i++)
+                ok = ok && env[i];
+        if (!ok) {
+                for (size_t i = 0; i < k; i++)
+                        free(env[i]);
+                free(env);
+                return NULL;
+        }
+        return env;
+}
+
+static void env_freep(char ***env) {
+        for (size_t i = 0; *env && (*env)[i]; i++)
+                free((*env)[i]);
+        free(*env);
+}
+
 static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const argv[],
                      const char *qemu_path) {
         bool input = cfg->enable_output && cfg->enable_input;
@@ -580,6 +653,9 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                 return error_prefix(netns_fd, "qemu");
         struct sock_filter insns[HUGEPAGE_FILTER_MAX];
         struct sock_fprog hugepage_filter = {.len = hugepage_filter_build(insns, cfg->memory_bytes), .filter = insns};
+        _cleanup_(env_freep) char **env = qemu_environment();
+        if (!env)
+                return -ENOMEM;
         pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0)
@@ -617,7 +693,7 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                 if (dup2(STDERR_FILENO, QEMU_FD_TABLE_MIN - 1) >= 0)
                         close(QEMU_FD_TABLE_MIN - 1);
                 close_range(3, ~0U, 0); /* no fd of ours (FUSE, sockets, pipes) lives on in QEMU */
-                execv(qemu_path, argv);
+                execve(qemu_path, argv, env);
                 static const char msg[] = "drafter: cannot execute QEMU\n";
                 ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
                 (void)ignored;
@@ -1179,6 +1255,10 @@ int vmm_restore(struct vmm *vm, const char *state_path) {
 
 pid_t vmm_pid(const struct vmm *vm) {
         return vm->pid;
+}
+
+uint64_t vmm_resumed_ns(const struct vmm *vm) {
+        return vm ? qmp_event_seen_ns(vm->qmp, "RESUME") : 0;
 }
 
 const char *vmm_port_path(const struct vmm *vm, const char *name) {

@@ -27,6 +27,7 @@ struct qmp {
         char *buf; /* received, not yet parsed bytes: buf[0..len) */
         size_t len, cap;
         json_t *events; /* array, oldest first */
+        json_t *seen;   /* event name -> CLOCK_MONOTONIC ns it was last read at */
         uint64_t timeout_ns;
         uint64_t next_id;
 };
@@ -37,6 +38,7 @@ void qmp_free(struct qmp *q) {
         if (q->fd >= 0)
                 close(q->fd);
         json_decref(q->events);
+        json_decref(q->seen);
         free(q->buf);
         free(q->path);
         free(q);
@@ -121,9 +123,20 @@ static int qmp_read_message(struct qmp *q, uint64_t deadline_ns, const char *wha
         }
 }
 
+static void qmp_note_event(struct qmp *q, const char *name) {
+        log_debug("qmp: event %s", name ? name : "?");
+        if (name && q->seen)
+                json_object_set_new(q->seen, name, json_integer((json_int_t)clock_now_ns()));
+}
+
+uint64_t qmp_event_seen_ns(const struct qmp *q, const char *event) {
+        json_t *at = q && q->seen ? json_object_get(q->seen, event) : NULL;
+        return at ? (uint64_t)json_integer_value(at) : 0;
+}
+
 static int qmp_queue_event(struct qmp *q, json_t *msg) {
         const char *name = json_string_value(json_object_get(msg, "event"));
-        log_debug("qmp: event %s", name ? name : "?");
+        qmp_note_event(q, name);
         if (json_array_size(q->events) >= QMP_EVENT_QUEUE_MAX)
                 json_array_remove(q->events, 0);
         return json_array_append(q->events, msg) < 0 ? -ENOMEM : 0;
@@ -222,6 +235,7 @@ int qmp_wait_events(struct qmp *q, const char *const *events, size_t n, uint64_t
                 }
                 for (size_t k = 0; k < n; k++)
                         if (strcmp(name, events[k]) == 0) {
+                                qmp_note_event(q, name);
                                 if (ret_index)
                                         *ret_index = k;
                                 return qmp_event_data(msg, ret_data);
@@ -275,7 +289,8 @@ int qmp_open_fd(int fd, const char *name, uint64_t deadline_ns, struct qmp **ret
         q->timeout_ns = QMP_DEFAULT_TIMEOUT_NS;
         q->path = strdup(name);
         q->events = json_array();
-        if (!q->path || !q->events)
+        q->seen = json_object();
+        if (!q->path || !q->events || !q->seen)
                 return -ENOMEM;
 
         /* The greeting: {"QMP": {"version": …, "capabilities": […]}}. */

@@ -39,6 +39,9 @@ int qmp_execute(struct qmp *q, const char *command, json_t *args, json_t **ret_r
 /* Wait for the next event named `event` (queued or new) within `timeout_ns`; *ret_data (if not
  * NULL) gets a new reference to its "data" (an empty object when it has none). */
 int qmp_wait_event(struct qmp *q, const char *event, uint64_t timeout_ns, json_t **ret_data);
+/* When (CLOCK_MONOTONIC ns) an event named `event` was last read from QEMU, queued or waited
+ * for; 0 if never. */
+uint64_t qmp_event_seen_ns(const struct qmp *q, const char *event);
 /* The same for the first event named one of `events` (n of them); *ret_index (if not NULL)
  * says which. */
 int qmp_wait_events(struct qmp *q, const char *const *events, size_t n, uint64_t timeout_ns, size_t *ret_index,

@@ -661,6 +661,109 @@ static void test_inherited_fds(void **state) {
         vmm_free(vm);
 }
 
+/* Kilobytes of process pid's [heap] resident, and whether the heap module is mapped there. */
+static unsigned long heap_kb(pid_t pid, bool *module) {
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/smaps", (int)pid);
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+        assert_non_null(f);
+        char line[4096];
+        unsigned long kb = 0;
+        bool in_heap = false;
+        *module = false;
+        while (fgets(line, sizeof(line), f)) {
+                if (strstr(line, "drafter-qemu-heap.so"))
+                        *module = true;
+                char *dash = strchr(line, '-'), *space = strchr(line, ' ');
+                if (dash && space && dash < space) /* a mapping's first line */
+                        in_heap = strstr(line, "[heap]") != NULL;
+                else if (in_heap && strncmp(line, "Rss:", 4) == 0)
+                        kb = strtoul(line + 4, NULL, 10);
+        }
+        return kb;
+}
+
+/* `sleep` under the heap module, with DRAFTER_QEMU_HEAP_MIB=mib (0: unset): its heap's
+ * resident kilobytes. */
+static unsigned long heap_kb_of_sleep(const char *module, int mib) {
+        int ready[2];
+        assert_int_equal(pipe2(ready, O_CLOEXEC), 0);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+                char preload[4200], heap[64];
+                snprintf(preload, sizeof(preload), "LD_PRELOAD=%s", module);
+                snprintf(heap, sizeof(heap), "DRAFTER_QEMU_HEAP_MIB=%d", mib);
+                char *env[] = {preload, mib ? heap : NULL, NULL};
+                close(ready[0]);
+                execle("/bin/sleep", "sleep", "30", (char *)NULL, env);
+                _exit(127);
+        }
+        close(ready[1]);
+        /* The constructor has run once the program is in its own code: exec closed the pipe. */
+        char c;
+        assert_int_equal(read(ready[0], &c, 1), 0);
+        close(ready[0]);
+        bool mapped = false;
+        unsigned long kb = 0;
+        for (int i = 0; i < 200 && !mapped; i++) { /* until the dynamic loader has mapped it */
+                kb = heap_kb(pid, &mapped);
+                if (!mapped)
+                        clock_sleep_ns(5 * NSEC_PER_MSEC);
+        }
+        clock_sleep_ns(50 * NSEC_PER_MSEC); /* and the constructor has run */
+        kb = heap_kb(pid, &mapped);
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        assert_true(mapped);
+        return kb;
+}
+
+/* The heap module (qemu_heap.c): with DRAFTER_QEMU_HEAP_MIB=8 a process starts with 8 MiB of
+ * heap resident, without it nothing happens; every QEMU we start has it preloaded with that
+ * setting; without a module (none found) QEMU starts as before. Meson names the built module in
+ * DRAFTER_QEMU_HEAP_MODULE; a sanitized build has none, and there only the last part applies. */
+static void test_heap_module(void **state) {
+        struct fixture *f = *state;
+        const char *module = getenv("DRAFTER_QEMU_HEAP_MODULE");
+        _cleanup_free_ char *saved = module ? strdup(module) : NULL;
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        bool mapped = false;
+        const char *status = NULL;
+        if (saved) {
+                assert_true(heap_kb_of_sleep(saved, 8) >= 8 * 1024);
+                assert_true(heap_kb_of_sleep(saved, 0) < 1024);
+
+                assert_ok(vmm_start(&cfg, false, &vm));
+                heap_kb(vmm_pid(vm), &mapped);
+                assert_true(mapped);
+                char path[64], env[65536];
+                snprintf(path, sizeof(path), "/proc/%d/environ", (int)vmm_pid(vm));
+                _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+                assert_true(fd >= 0);
+                ssize_t n = read(fd, env, sizeof(env) - 1);
+                assert_true(n > 0);
+                bool found = false;
+                for (ssize_t i = 0; i < n; i += (ssize_t)strlen(env + i) + 1)
+                        found = found || strcmp(env + i, "DRAFTER_QEMU_HEAP_MIB=8") == 0;
+                assert_true(found);
+                assert_ok(vmm_status(vm, &status));
+                vmm_free(vm);
+        }
+
+        setenv("DRAFTER_QEMU_HEAP_MODULE", "/nonexistent/drafter-qemu-heap.so", 1);
+        assert_ok(vmm_start(&cfg, false, &vm));
+        heap_kb(vmm_pid(vm), &mapped);
+        assert_false(mapped);
+        assert_ok(vmm_status(vm, &status));
+        vmm_free(vm);
+        if (saved)
+                setenv("DRAFTER_QEMU_HEAP_MODULE", saved, 1);
+        else
+                unsetenv("DRAFTER_QEMU_HEAP_MODULE");
+}
+
 /* A process that dies without stopping its VM takes QEMU with it (PR_SET_PDEATHSIG). */
 static void test_parent_death(void **state) {
         struct fixture *f = *state;
@@ -723,6 +826,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_accelerators, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_inherited_fds, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_parent_death, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_heap_module, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
