@@ -21,6 +21,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -700,19 +701,26 @@ static unsigned long heap_kb_of_sleep(const char *module, int mib) {
                 _exit(127);
         }
         close(ready[1]);
-        /* The constructor has run once the program is in its own code: exec closed the pipe. */
         char c;
-        assert_int_equal(read(ready[0], &c, 1), 0);
+        assert_int_equal(read(ready[0], &c, 1), 0); /* exec closed it */
         close(ready[0]);
-        bool mapped = false;
-        unsigned long kb = 0;
-        for (int i = 0; i < 200 && !mapped; i++) { /* until the dynamic loader has mapped it */
-                kb = heap_kb(pid, &mapped);
-                if (!mapped)
+        /* Constructors run before main: once sleep waits in its nanosleep, ours has run. */
+        char path[64], call[256], clock_nanosleep_nr[16], nanosleep_nr[16];
+        snprintf(path, sizeof(path), "/proc/%d/syscall", (int)pid);
+        snprintf(clock_nanosleep_nr, sizeof(clock_nanosleep_nr), "%d ", (int)SYS_clock_nanosleep);
+        snprintf(nanosleep_nr, sizeof(nanosleep_nr), "%d ", (int)SYS_nanosleep);
+        bool sleeping = false;
+        for (int i = 0; i < 2000 && !sleeping; i++) {
+                _cleanup_fclose_ FILE *f = fopen(path, "re");
+                sleeping = f && fgets(call, sizeof(call), f) &&
+                           (strncmp(call, clock_nanosleep_nr, strlen(clock_nanosleep_nr)) == 0 ||
+                            strncmp(call, nanosleep_nr, strlen(nanosleep_nr)) == 0);
+                if (!sleeping)
                         clock_sleep_ns(5 * NSEC_PER_MSEC);
         }
-        clock_sleep_ns(50 * NSEC_PER_MSEC); /* and the constructor has run */
-        kb = heap_kb(pid, &mapped);
+        assert_true(sleeping);
+        bool mapped = false;
+        unsigned long kb = heap_kb(pid, &mapped);
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
         assert_true(mapped);
