@@ -1085,6 +1085,23 @@ static int suspend_hook(void *ctx) {
         return suspend_into_devices(ctx, false, false);
 }
 
+/* How long the link may take to push the final set ahead of the hand-over: a few ms of link beat
+ * the VM faulting the blocks in one by one after it resumed. DRAFTER_PUSH_BUDGET_MS overrides the
+ * 20 ms (0: never push, the final set always follows the hand-over). */
+static uint64_t push_budget_ns(void) {
+        const char *v = getenv("DRAFTER_PUSH_BUDGET_MS");
+        if (!v || !*v)
+                return 20 * NSEC_PER_MSEC;
+        char *end;
+        errno = 0;
+        unsigned long ms = strtoul(v, &end, 10);
+        if (errno || *end || ms > 60000) {
+                log_warning("DRAFTER_PUSH_BUDGET_MS=%s: not a number of ms from 0 to 60000; using 20", v);
+                return 20 * NSEC_PER_MSEC;
+        }
+        return ms * NSEC_PER_MSEC;
+}
+
 int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, struct migrate_stats *ret_stats) {
         const struct device_list *devices = inst->devices;
         _cleanup_free_ struct migrate_source_device *devs = calloc(devices->count, sizeof(*devs));
@@ -1120,9 +1137,7 @@ int instance_migrate_out(struct instance *inst, int fd, unsigned concurrency, st
                                             .compress = true,
                                             .progress = true,
                                             .concurrency = concurrency,
-                                            /* A few ms of link beat the VM faulting them in one
-                                             * by one after it resumed. */
-                                            .push_budget_ns = 20 * NSEC_PER_MSEC};
+                                            .push_budget_ns = push_budget_ns()};
         struct migrate_stats st = {0};
         /* The running VM comes first: on a busy host the sending thread yields to its vCPUs
          * (the destination, paused until the hand-over, is not slowed). */

@@ -38,8 +38,10 @@ print(json.dumps([{"name": n, "base": f"{base}/{f}", "overlay": f"{inst}/overlay
                   for n, f in files.items()]))
 PY
 }
-"$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a")" --chroot-base-dir "$WORK/vms" --laddr "unix:$WORK/a.sock" \
-        >"$WORK/a.out" 2>"$WORK/a.log" &
+# The final set must follow the hand-over: pushed ahead of it (when the link is fast enough, as it
+# often is here) nothing would be missing when the source dies.
+DRAFTER_PUSH_BUDGET_MS=0 "$DRAFTER_PEER" --devices "$(devices "$P" "$WORK/a")" --chroot-base-dir "$WORK/vms" \
+        --laddr "unix:$WORK/a.sock" >"$WORK/a.out" 2>"$WORK/a.log" &
 A=$!
 on_exit "kill -9 $A 2>/dev/null"
 for _ in $(seq 1 300); do grep -q "Serving on" "$WORK/a.log" 2>/dev/null && break; sleep 0.1; done
