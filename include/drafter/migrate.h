@@ -111,6 +111,9 @@ struct migrate_destination_config {
         /* Optional, on the receiving thread: device `index` holds its final contents (EVENT
          * FINAL, checked: no block missing) ahead of the hand-over. */
         void (*on_final)(void *ctx, size_t index, const char *name);
+        /* Optional, on the receiving thread: the source asked for a barrier (EVENT BARRIER), the
+         * last thing it does before it suspends the VM; called before the answer goes. */
+        void (*on_barrier)(void *ctx);
         /* This side will call migrate_destination_ready() (MIGRATE_CAP_READY): the source holds
          * its dirty cycles and the suspend until then. */
         bool announce_ready;

@@ -115,6 +115,24 @@ int vmm_yield_cpu(struct vmm *vm);
 /* Stops it if running; frees. NULL is fine. */
 void vmm_free(struct vmm *vm);
 
+/* Flags of vmm_touch_memory(). */
+enum {
+        VMM_TOUCH_WAIT = 1u << 1,  /* return once done (else queue it and return at once) */
+        VMM_TOUCH_IDLE = 1u << 2,  /* QEMU does it only on an otherwise idle CPU */
+        VMM_TOUCH_DONE = 1u << 3,  /* after it, the mapping's readahead back to normal */
+};
+/* Has QEMU map bytes [offset, offset+length) of its guest-RAM file (whole pages) into its own
+ * page tables, as the VM's first touches would: for ranges already in the page cache. From the
+ * first request until one with VMM_TOUCH_DONE, QEMU reads a page of guest RAM that is not
+ * cached alone, without readahead (such a read may wait for the migration). Needs drafter-qemu-heap.so (its
+ * toucher, lib/vmm/qemu_touch.c): -EOPNOTSUPP without it, -EAGAIN if a request that does not
+ * wait finds the queue full, -ETIMEDOUT if QEMU did not answer within 2 s (then every later
+ * call fails). Thread-safe while the VM is not freed. */
+int vmm_touch_memory(struct vmm *vm, uint64_t offset, uint64_t length, unsigned flags);
+/* The request QEMU is working on (if it ever answered one) at the normal priority from now on:
+ * for a VMM_TOUCH_IDLE request that someone must wait for after all. */
+void vmm_touch_hurry(struct vmm *vm);
+
 /* QEMU's run state as query-status names it: "running", "paused", "inmigrate", "postmigrate",
  * "shutdown", … *ret_status stays valid until the next call for this VM. */
 int vmm_status(struct vmm *vm, const char **ret_status);

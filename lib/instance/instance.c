@@ -601,9 +601,24 @@ static int start_vmm(struct instance *inst) {
 
 static void stop_warmer(struct instance *inst) {
         pthread_mutex_lock(&inst->lock);
+        bool touched = inst->warmer && inst->vm;
         page_warmer_free(inst->warmer);
         inst->warmer = NULL;
+        /* QEMU's readahead on guest RAM back to normal (its toucher set it off). */
+        if (touched)
+                vmm_touch_memory(inst->vm, 0, 0, VMM_TOUCH_DONE);
         pthread_mutex_unlock(&inst->lock);
+}
+
+/* The warmer's toucher: QEMU maps what the warmer cached, when a CPU is idle. */
+static int touch_cached(void *ctx, uint64_t offset, uint64_t length) {
+        struct instance *inst = ctx;
+        return vmm_touch_memory(inst->vm, offset, length, VMM_TOUCH_WAIT | VMM_TOUCH_IDLE);
+}
+
+static void touch_hurry(void *ctx) {
+        struct instance *inst = ctx;
+        vmm_touch_hurry(inst->vm);
 }
 
 static int send_all(int fd, const char *buf, size_t len) {
@@ -947,6 +962,16 @@ static void on_final(void *ctx, size_t index, const char *name) {
         pthread_mutex_unlock(&inst->lock);
 }
 
+/* The source suspends the VM next: from now on the receiving thread stores what it must, and a
+ * request of QEMU's toucher at idle priority may hold a page lock that a store waits for while
+ * the CPUs are busy with the suspend. The warmer stops handing blocks to it. */
+static void on_barrier(void *ctx) {
+        struct instance *inst = ctx;
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_end_touching(inst->warmer);
+        pthread_mutex_unlock(&inst->lock);
+}
+
 /* The warmer goes on through the state load (blocks that follow the hand-over are cached as
  * they land) and stops just before the VM runs: restore_and_resume(). */
 static int on_authority(void *ctx) {
@@ -977,6 +1002,7 @@ int instance_receive(const struct device_list *devices, const struct instance_op
                                                   .on_blocks = on_blocks,
                                                   .on_dirty = on_dirty,
                                                   .on_final = on_final,
+                                                  .on_barrier = on_barrier,
                                                   .announce_ready = true};
         if ((r = migrate_destination_start(fd, &dcfg, &inst->dest)) < 0)
                 return fail_instance(inst, r);
@@ -1005,6 +1031,9 @@ int instance_receive(const struct device_list *devices, const struct instance_op
         start_warmer(inst);
         if ((r = load_config(inst)) < 0 || (r = start_vmm(inst)) < 0)
                 return receive_failed(inst, r);
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_set_toucher(inst->warmer, &(struct page_warmer_toucher){touch_cached, touch_hurry, inst});
+        pthread_mutex_unlock(&inst->lock);
         if ((r = prepare_restore(inst)) < 0)
                 return receive_failed(inst, r);
         reserve_state_buffer(inst);
@@ -1337,6 +1366,9 @@ void instance_free(struct instance *inst) {
         if (!inst)
                 return;
         end_feed(inst, true);
+        pthread_mutex_lock(&inst->lock);
+        page_warmer_set_toucher(inst->warmer, NULL); /* its requests go to inst->vm */
+        pthread_mutex_unlock(&inst->lock);
         vmm_free(inst->vm);
         stop_warmer(inst); /* it reads through the mount */
         fuse_export_stop(inst->fx);

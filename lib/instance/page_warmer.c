@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #define WARM_RUN_BYTES (256u << 10) /* also what the drain may wait for: one store in flight */
@@ -25,6 +26,9 @@
 /* The drain stores in short runs, so that its deadline holds: a 1 MiB store took 1.7 ms with the
  * migration's threads busy beside it, and 5 such runs once held the VM's start for 12 ms. */
 #define PAGE_WARMER_DRAIN_RUN_BYTES (128u << 10)
+/* Blocks mapped into the VMM per request (page_warmer_set_toucher): short, so that a request
+ * at idle priority holds QEMU's address space (its mmap lock) only briefly. */
+#define TOUCH_RUN_BYTES (256u << 10)
 
 struct page_warmer {
         struct fuse_export *fx;
@@ -50,6 +54,13 @@ struct page_warmer {
         uint64_t blocks_read, t_busy_ns;
         void *store_buf; /* page_warmer_store(): one block read back from the device */
         uint64_t blocks_stored, t_store_ns;
+        /* The VMM's toucher (page_warmer_set_toucher) and the cached blocks it has not mapped. */
+        struct page_warmer_toucher toucher; /* .touch NULL: none */
+        bool touching; /* a request is out, with the lock released */
+        struct bitmap untouched; /* cached, not mapped */
+        struct bitmap mapped;    /* mapped by the toucher, not dropped since (a store over keeps it) */
+        struct bitmap hot;       /* arrived again while cached: the VM writes it, mapped first */
+        uint64_t blocks_touched, t_touch_ns;
 };
 
 int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *dev, struct page_warmer **ret) {
@@ -64,11 +75,15 @@ int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *d
         int r = posix_fadvise(w->fd, 0, 0, POSIX_FADV_RANDOM);
         if (r == 0 && !(w->arrived_ns = calloc(block_device_block_count(dev) ? block_device_block_count(dev) : 1, 8)))
                 r = -ENOMEM;
-        if (r == 0 && (r = bitmap_init(&w->queued, block_device_block_count(dev))) == 0 &&
-            (r = bitmap_init(&w->cached, block_device_block_count(dev))) < 0)
-                bitmap_free(&w->queued);
-        if (r != 0)
+        uint64_t blocks = block_device_block_count(dev);
+        struct bitmap *maps[] = {&w->queued, &w->cached, &w->untouched, &w->mapped, &w->hot};
+        for (size_t i = 0; i < ELEMENTSOF(maps) && r == 0; i++)
+                r = bitmap_init(maps[i], blocks);
+        if (r != 0) {
+                for (size_t i = 0; i < ELEMENTSOF(maps); i++)
+                        bitmap_free(maps[i]); /* fine on a map never set up (calloc) */
                 free(w->arrived_ns);
+        }
         if (r != 0) {
                 close(w->fd);
                 return r > 0 ? error_set_errno(-r, "page cache: %s", path) : r;
@@ -129,6 +144,76 @@ static void warm(struct page_warmer *w, void *buf, uint64_t off, size_t len) {
                 log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
 }
 
+/* Blocks [first, first+count) are in the page cache now: for the toucher too. Lock held. */
+static void now_cached(struct page_warmer *w, uint64_t first, uint64_t count) {
+        bitmap_set_range(&w->cached, first, count);
+        for (uint64_t b = first; w->toucher.touch && b < first + count; b++)
+                if (!bitmap_test(&w->mapped, b))
+                        bitmap_set(&w->untouched, b);
+}
+
+/* First block at or after `from` that is untouched (and hot, if `hot`), or nbits. */
+static uint64_t next_untouched(const struct page_warmer *w, uint64_t from, bool hot) {
+        uint64_t n = w->untouched.nbits;
+        for (uint64_t i = from / 64; from < n && i < BITMAP_WORDS(n); i++) {
+                uint64_t word = w->untouched.words[i] & (hot ? w->hot.words[i] : ~0ull);
+                if (i == from / 64)
+                        word &= ~0ull << (from % 64);
+                if (word)
+                        return MIN(n, i * 64 + (uint64_t)__builtin_ctzll(word));
+        }
+        return n;
+}
+
+/* The next run of cached blocks the toucher has not mapped (at most TOUCH_RUN_BYTES), taken
+ * off: hot ones first, then the rest from the cursor on; false if none. Lock held. */
+static bool next_touch(struct page_warmer *w, uint64_t *cursor, uint64_t *ret_first, uint64_t *ret_count) {
+        uint64_t n = w->untouched.nbits, max = MAX(1, TOUCH_RUN_BYTES / w->dev->block_size);
+        uint64_t b = next_untouched(w, 0, true);
+        bool hot = b < n;
+        if (!hot && (b = next_untouched(w, *cursor, false)) >= n && (b = next_untouched(w, 0, false)) >= n)
+                return false;
+        uint64_t e = b;
+        while (e < n && e - b < max && bitmap_test(&w->untouched, e) && (!hot || bitmap_test(&w->hot, e)))
+                bitmap_clear(&w->untouched, e++);
+        if (!hot)
+                *cursor = e;
+        *ret_first = b;
+        *ret_count = e - b;
+        return true;
+}
+
+/* One run to the toucher, with the lock released (a block dropped meanwhile is read alone by
+ * QEMU, page_warmer.h). A toucher that fails is not asked again. Lock held. */
+static void touch_run(struct page_warmer *w, uint64_t first, uint64_t count) {
+        struct page_warmer_toucher toucher = w->toucher;
+        w->touching = true;
+        pthread_mutex_unlock(&w->lock);
+        uint64_t t = clock_now_ns(), off = first * w->dev->block_size;
+        uint64_t len = MIN((first + count) * w->dev->block_size, w->dev->size) - off;
+        int r = toucher.touch(toucher.ctx, off, len);
+        pthread_mutex_lock(&w->lock);
+        w->touching = false;
+        pthread_cond_broadcast(&w->landed);
+        if (r < 0 && w->toucher.touch) {
+                log_debug("page cache: the VMM maps no more blocks ahead: %s", strerror(-r));
+                w->toucher.touch = NULL;
+        }
+        if (r >= 0) {
+                for (uint64_t b = first; b < first + count; b++)
+                        if (bitmap_test(&w->cached, b)) /* else dropped meanwhile */
+                                bitmap_set(&w->mapped, b);
+                w->blocks_touched += count;
+                w->t_touch_ns += clock_now_ns() - t;
+        }
+}
+
+/* A touch request out: at the normal priority, someone waits for it now. Lock held. */
+static void hurry(struct page_warmer *w) {
+        if (w->touching && w->toucher.hurry)
+                w->toucher.hurry(w->toucher.ctx);
+}
+
 static bool set_policy(pid_t tid, int policy) {
         struct sched_param sp = {0};
         if (sched_setscheduler(tid, policy, &sp) < 0)
@@ -144,7 +229,7 @@ static void *warm_thread(void *arg) {
         set_policy(0, SCHED_IDLE);
         bool drain_policy = false;
         _cleanup_free_ void *buf = malloc(WARM_RUN_BYTES);
-        uint64_t cursor = 0;
+        uint64_t cursor = 0, touch_cursor = 0;
         pthread_mutex_lock(&w->lock);
         w->tid = gettid();
         while (buf && !w->stop) {
@@ -163,6 +248,12 @@ static void *warm_thread(void *arg) {
                 if (!next_run(w, &cursor, &first, &count)) {
                         if (w->draining)
                                 break;
+                        /* Then what is cached into the VMM's page tables (not while it loads the
+                         * state: a request holds its address space). */
+                        if (w->toucher.touch && !w->paused && next_touch(w, &touch_cursor, &first, &count)) {
+                                touch_run(w, first, count);
+                                continue;
+                        }
                         /* Queued blocks settle with time, not with a signal. */
                         struct timespec ts;
                         clock_deadline_after(PAGE_WARMER_SETTLE_NS / 3, &ts);
@@ -182,7 +273,7 @@ static void *warm_thread(void *arg) {
                 size_t len = (size_t)(MIN((first + count) * w->dev->block_size, w->dev->size) - off);
                 warm(w, buf, off, len);
                 pthread_mutex_lock(&w->lock);
-                bitmap_set_range(&w->cached, first, count);
+                now_cached(w, first, count);
                 w->flight_count = 0;
                 pthread_cond_broadcast(&w->landed);
                 w->blocks_read += count;
@@ -225,11 +316,14 @@ void page_warmer_pause(struct page_warmer *w) {
                 return;
         pthread_mutex_lock(&w->lock);
         w->paused = true;
+        hurry(w);
         pthread_mutex_unlock(&w->lock);
 }
 
 /* Called with the lock held and no read of the block in flight. */
 static void drop_cached(struct page_warmer *w, uint64_t block) {
+        bitmap_clear(&w->untouched, block);
+        bitmap_clear(&w->mapped, block);
         if (!bitmap_test_and_clear(&w->cached, block))
                 return;
         if (fuse_export_invalidate(w->fx, w->index, block * w->dev->block_size, w->dev->block_size) < 0)
@@ -239,6 +333,8 @@ static void drop_cached(struct page_warmer *w, uint64_t block) {
 /* Block `block` arrived (its older cached copy, if any, is stale now): for the thread to store
  * once it has settled. Called with the lock held and no read of the block in flight. */
 static void queue_arrived(struct page_warmer *w, uint64_t block, uint64_t now) {
+        if (bitmap_test(&w->cached, block))
+                bitmap_set(&w->hot, block);
         drop_cached(w, block);
         bitmap_set(&w->queued, block);
         w->arrived_ns[block] = now;
@@ -272,13 +368,16 @@ static int store_locked(struct page_warmer *w, uint64_t block, const void *data)
                 if (r >= 0 && (r = block_device_read_at(w->dev, w->store_buf, len, off)) >= 0)
                         data = w->store_buf;
         }
+        bool again = bitmap_test(&w->cached, block);
         if (r >= 0 && (r = fuse_export_store(w->fx, w->index, off, data, len)) < 0) {
                 log_debug("page cache: %s; reading through the file instead", error_message());
                 w->read_through = true;
         }
         if (r >= 0) {
                 bitmap_clear(&w->queued, block);
-                bitmap_set(&w->cached, block);
+                if (again)
+                        bitmap_set(&w->hot, block);
+                now_cached(w, block, 1);
                 w->blocks_stored++;
                 w->t_store_ns += clock_now_ns() - t;
         }
@@ -340,6 +439,30 @@ void page_warmer_dirtied(struct page_warmer *w, uint64_t block) {
         pthread_mutex_unlock(&w->lock);
 }
 
+void page_warmer_set_toucher(struct page_warmer *w, const struct page_warmer_toucher *t) {
+        if (!w)
+                return;
+        pthread_mutex_lock(&w->lock);
+        hurry(w);
+        w->toucher = t ? *t : (struct page_warmer_toucher){0}; /* no new request to the old one */
+        while (w->touching)
+                pthread_cond_wait(&w->landed, &w->lock);
+        for (size_t i = 0; i < BITMAP_WORDS(w->cached.nbits); i++)
+                w->untouched.words[i] = w->toucher.touch ? w->cached.words[i] & ~w->mapped.words[i] : 0;
+        pthread_cond_signal(&w->wake);
+        pthread_mutex_unlock(&w->lock);
+}
+
+void page_warmer_end_touching(struct page_warmer *w) {
+        if (!w)
+                return;
+        pthread_mutex_lock(&w->lock);
+        hurry(w);
+        w->toucher.touch = NULL; /* the hurry stays, for the request out */
+        bitmap_clear_all(&w->untouched);
+        pthread_mutex_unlock(&w->lock);
+}
+
 void page_warmer_free(struct page_warmer *w) {
         if (!w)
                 return;
@@ -348,17 +471,21 @@ void page_warmer_free(struct page_warmer *w) {
         before = w->blocks_read;
         w->draining = true;
         w->drain_deadline_ns = t + PAGE_WARMER_DRAIN_NS;
+        hurry(w);
         pthread_cond_signal(&w->wake);
         pthread_mutex_unlock(&w->lock);
         if (w->running)
                 pthread_join(w->thread, NULL);
         log_debug("page cache: %" PRIu64 " blocks stored as they arrived in %.1f ms, %" PRIu64 " read ahead in %.1f ms, "
-                  "the last %" PRIu64 " in %.1f ms before the VM ran",
+                  "the last %" PRIu64 " in %.1f ms before the VM ran; %" PRIu64 " mapped into the VMM in %.1f ms",
                   w->blocks_stored, w->t_store_ns / 1e6, w->blocks_read, w->t_busy_ns / 1e6, w->blocks_read - before,
-                  (clock_now_ns() - t) / 1e6);
+                  (clock_now_ns() - t) / 1e6, w->blocks_touched, w->t_touch_ns / 1e6);
         free(w->store_buf);
         bitmap_free(&w->queued);
         bitmap_free(&w->cached);
+        bitmap_free(&w->untouched);
+        bitmap_free(&w->mapped);
+        bitmap_free(&w->hot);
         free(w->arrived_ns);
         close(w->fd);
         pthread_mutex_destroy(&w->lock);

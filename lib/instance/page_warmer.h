@@ -13,7 +13,13 @@
  * It pauses while QEMU loads the state (page_warmer_pause): the load's faults on guest RAM are
  * on the downtime path, and a store holds the pages it fills. Stop it before the VM may run: from
  * then on the VM's own faults fill the cache, and a late copy would overwrite a page the VM has
- * since written. */
+ * since written.
+ *
+ * With a toucher (page_warmer_set_toucher) the thread also has the VMM map each cached block
+ * into its own page tables, at idle priority, so that the VM's first touches after the
+ * hand-over do not fault either. The toucher may be given a block dropped meanwhile: the VMM
+ * must then read its page alone (no readahead window: a window could lock pages of a block
+ * that the receiving thread is about to store while it waits for another, missing one). */
 #pragma once
 
 #include <stddef.h>
@@ -48,6 +54,20 @@ int page_warmer_store(struct page_warmer *w, uint64_t block, const void *data);
  * block within reach that now qualifies is stored too. Never waits for a read that waits for a
  * missing block. */
 void page_warmer_landed(struct page_warmer *w, uint64_t block, const void *data);
+struct page_warmer_toucher {
+        /* Map file bytes [offset, offset+length) into the VMM's page tables, at idle priority;
+         * returns once done (< 0: never asked again). */
+        int (*touch)(void *ctx, uint64_t offset, uint64_t length);
+        /* The request out now at the normal priority: someone waits for it. Must not block. */
+        void (*hurry)(void *ctx);
+        void *ctx;
+};
+/* From now on every cached block (those cached so far first) goes to the toucher as well, from
+ * the warmer's thread, while it is not paused (a request out as it pauses is hurried). NULL
+ * stops it: returns once no request is out (before the VMM goes away). */
+void page_warmer_set_toucher(struct page_warmer *w, const struct page_warmer_toucher *t);
+/* No request to the toucher from now on; the one out, if any, is hurried, not waited for. */
+void page_warmer_end_touching(struct page_warmer *w);
 /* Cache what is still queued (the last blocks of a migration: the VM's hottest pages, about to
  * be touched first), for at most a few ms; stop the thread and free. NULL is fine. */
 void page_warmer_free(struct page_warmer *w);

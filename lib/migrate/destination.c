@@ -278,6 +278,8 @@ static int handle(struct destination *d, const struct migrate_frame *f, const st
                 case MIGRATE_EVENT_SUSPENDED:
                         break;
                 case MIGRATE_EVENT_BARRIER: /* everything before it is applied: we handle frames in order */
+                        if (d->cfg.on_barrier)
+                                d->cfg.on_barrier(d->cfg.ctx);
                         r = send_event(d, MIGRATE_EVENT_BARRIER_ACK);
                         break;
                 case MIGRATE_EVENT_AUTHORITY:

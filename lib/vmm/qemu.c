@@ -15,7 +15,9 @@
 #include "drafter/log.h"
 #include "drafter/net.h"
 #include "qmp.h"
+#include "qemu_touch.h"
 
+#include <assert.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -26,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <pthread.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -78,7 +82,16 @@ struct vmm {
         size_t port_count;
         char status[32];
         bool settling; /* a live save has returned: QEMU may still be in finish-migrate */
+        /* Our end of the toucher's socket in QEMU (qemu_touch.c), or -1; the lock keeps one
+         * caller at a time waiting for a reply. */
+        int touch_fd;
+        pthread_mutex_t touch_lock;
+        pid_t touch_tid; /* the toucher's thread, once it answered (atomic) */
 };
+
+static_assert((unsigned)VMM_TOUCH_WAIT == QEMU_TOUCH_REPLY &&
+                      (unsigned)VMM_TOUCH_IDLE == QEMU_TOUCH_IDLE && (unsigned)VMM_TOUCH_DONE == QEMU_TOUCH_DONE,
+              "vmm.h and qemu_touch.h name the same flags");
 
 /* ---- small helpers ---- */
 
@@ -592,14 +605,16 @@ static char *find_heap_module(void) {
         return NULL;
 }
 
-/* QEMU's environment: ours, with the heap module preloaded when we have it. Built before the
- * fork (the child may only make async-signal-safe calls). */
-static char **qemu_environment(void) {
+/* QEMU's environment: ours, with the heap module preloaded when we have it, and its toucher
+ * given the guest-RAM file `touch_path` (NULL: none). *ret_module says whether it is preloaded.
+ * Built before the fork (the child may only make async-signal-safe calls). */
+static char **qemu_environment(const char *touch_path, bool *ret_module) {
         _cleanup_free_ char *module = find_heap_module();
+        *ret_module = module != NULL;
         size_t n = 0;
         while (environ[n])
                 n++;
-        char **env = calloc(n + 3, sizeof(*env));
+        char **env = calloc(n + 5, sizeof(*env));
         if (!env)
                 return NULL;
         size_t k = 0;
@@ -607,13 +622,19 @@ static char **qemu_environment(void) {
         for (size_t i = 0; i < n; i++) {
                 if (module && strncmp(environ[i], "LD_PRELOAD=", 11) == 0)
                         preload = environ[i] + 11;
-                else if (strncmp(environ[i], "DRAFTER_QEMU_HEAP_MIB=", 22) != 0)
+                else if (strncmp(environ[i], "DRAFTER_QEMU_", 13) != 0 ||
+                         strncmp(environ[i], "DRAFTER_QEMU_HEAP_MODULE=", 25) == 0)
                         env[k++] = strdup(environ[i]);
         }
         if (module) {
                 if (asprintf(&env[k], "LD_PRELOAD=%s%s%s", module, preload ? ":" : "", preload ? preload : "") >= 0)
                         k++;
                 env[k++] = strdup("DRAFTER_QEMU_HEAP_MIB=" QEMU_HEAP_MIB);
+                if (touch_path) {
+                        env[k++] = strdup(QEMU_TOUCH_FD_ENV "=" QEMU_TOUCH_FD_STR);
+                        if (asprintf(&env[k], QEMU_TOUCH_PATH_ENV "=%s", touch_path) >= 0)
+                                k++;
+                }
         } else {
                 log_debug("qemu: no %s found: QEMU starts without it", QEMU_HEAP_MODULE);
         }
@@ -653,9 +674,16 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                 return error_prefix(netns_fd, "qemu");
         struct sock_filter insns[HUGEPAGE_FILTER_MAX];
         struct sock_fprog hugepage_filter = {.len = hugepage_filter_build(insns, cfg->memory_bytes), .filter = insns};
-        _cleanup_(env_freep) char **env = qemu_environment();
+        bool module;
+        _cleanup_(env_freep) char **env = qemu_environment(cfg->memory_path, &module);
         if (!env)
                 return -ENOMEM;
+        /* The toucher's socket (qemu_touch.h): best effort, QEMU runs the same without it. */
+        int touch[2] = {-1, -1};
+        if (module && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, touch) < 0)
+                log_debug("qemu: no toucher: socketpair: %m");
+        _cleanup_close_ int touch_child = touch[1];
+        _cleanup_close_ int touch_ours = touch[0];
         pid_t parent = getpid();
         pid_t pid = fork();
         if (pid < 0)
@@ -692,7 +720,12 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
                  * fd is closed again at once. */
                 if (dup2(STDERR_FILENO, QEMU_FD_TABLE_MIN - 1) >= 0)
                         close(QEMU_FD_TABLE_MIN - 1);
-                close_range(3, ~0U, 0); /* no fd of ours (FUSE, sockets, pipes) lives on in QEMU */
+                /* The toucher's end, where its variable says, without close-on-exec. */
+                int keep = 3;
+                if (touch_child >= 0 &&
+                    (touch_child == QEMU_TOUCH_FD ? fcntl(QEMU_TOUCH_FD, F_SETFD, 0) : dup2(touch_child, QEMU_TOUCH_FD)) >= 0)
+                        keep = QEMU_TOUCH_FD + 1;
+                close_range(keep, ~0U, 0); /* no other fd of ours (FUSE, sockets, pipes) lives on in QEMU */
                 execve(qemu_path, argv, env);
                 static const char msg[] = "drafter: cannot execute QEMU\n";
                 ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
@@ -703,6 +736,9 @@ static int vmm_spawn(struct vmm *vm, const struct vmm_config *cfg, char *const a
         if (setpgid(pid, pid) < 0 && errno != EACCES && errno != ESRCH)
                 log_debug("qemu: setpgid %d: %s", (int)pid, strerror(errno));
         vm->pid = pid;
+        if (vm->touch_fd >= 0)
+                close(vm->touch_fd); /* an earlier attempt's */
+        vm->touch_fd = TAKE_FD(touch_ours);
         return 0;
 }
 
@@ -780,6 +816,8 @@ int vmm_start(const struct vmm_config *cfg, bool incoming, struct vmm **ret_vmm)
         if (!vm)
                 return -ENOMEM;
         vm->pid = -1;
+        vm->touch_fd = -1;
+        pthread_mutex_init(&vm->touch_lock, NULL);
         vm->incoming = incoming;
         vm->runtime_dir = strdup(cfg->runtime_dir);
         vm->qmp_path = strdup_printf("%s/qmp.sock", cfg->runtime_dir);
@@ -899,6 +937,9 @@ void vmm_free(struct vmm *vm) {
         free(vm->qmp_path);
         free(vm->log_path);
         free(vm->memory_path);
+        if (vm->touch_fd >= 0)
+                close(vm->touch_fd);
+        pthread_mutex_destroy(&vm->touch_lock);
         free(vm);
 }
 
@@ -911,6 +952,42 @@ static int settle(struct vmm *vm) {
                 return 0;
         vm->settling = false;
         return wait_run_state_left(vm, "finish-migrate", "qemu: after the state save");
+}
+
+/* How long a caller waits for the toucher's answer: it only maps pages already in the page
+ * cache, so this is a stuck QEMU; the toucher is given up then. */
+#define TOUCH_REPLY_TIMEOUT_MS 2000
+
+int vmm_touch_memory(struct vmm *vm, uint64_t offset, uint64_t length, unsigned flags) {
+        struct qemu_touch_req q = {.offset = offset, .length = length, .flags = flags};
+        bool wait = flags & VMM_TOUCH_WAIT;
+        if (wait)
+                pthread_mutex_lock(&vm->touch_lock);
+        int r = vm->touch_fd < 0 ? -EOPNOTSUPP : 0;
+        if (r == 0 && send(vm->touch_fd, &q, sizeof(q), MSG_NOSIGNAL | (wait ? 0 : MSG_DONTWAIT)) < 0)
+                r = -errno;
+        struct pollfd p = {.fd = vm->touch_fd, .events = POLLIN};
+        int ready = 0;
+        while (r == 0 && wait && (ready = poll(&p, 1, TOUCH_REPLY_TIMEOUT_MS)) < 0 && errno == EINTR)
+                ;
+        if (r == 0 && wait) {
+                ssize_t n = ready > 0 ? recv(vm->touch_fd, &q, sizeof(q), 0) : -1;
+                r = n == (ssize_t)sizeof(q) ? q.result : ready == 0 ? -ETIMEDOUT : n < 0 ? -errno : -EPIPE;
+                if (n == (ssize_t)sizeof(q) && q.tid > 0)
+                        __atomic_store_n(&vm->touch_tid, (pid_t)q.tid, __ATOMIC_RELAXED);
+                if (r == -ETIMEDOUT || r == -EPIPE)
+                        shutdown(vm->touch_fd, SHUT_RDWR); /* from now on every call fails at once */
+        }
+        if (wait)
+                pthread_mutex_unlock(&vm->touch_lock);
+        return r;
+}
+
+void vmm_touch_hurry(struct vmm *vm) {
+        pid_t tid = __atomic_load_n(&vm->touch_tid, __ATOMIC_RELAXED);
+        struct sched_param sp = {0};
+        if (tid > 0 && sched_setscheduler(tid, SCHED_OTHER, &sp) < 0 && errno != ESRCH)
+                log_debug("qemu: toucher thread %d: %m", (int)tid);
 }
 
 int vmm_pause(struct vmm *vm) {

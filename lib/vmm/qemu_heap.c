@@ -9,6 +9,8 @@
  * the same faults cost nothing anyone waits for: the destination's QEMU starts while the blocks
  * stream in.
  *
+ * The module also carries the guest-RAM toucher (qemu_touch.c), which has its own variables.
+ *
  * Only glibc's documented malloc interface is used: large blocks come from the heap too (so
  * they reuse the faulted pages instead of fresh mappings) and the heap is not trimmed below
  * twice the reserve. */

@@ -3,10 +3,12 @@
  * underneath is changed behind the export's back to tell the two apart); a store replaces an
  * older cached copy; a dirtied block's cached copy is dropped; a block that lands while QEMU may
  * read the file is stored only once no read can wait on it, every block within a read window
- * of it being here (page_warmer_landed). Needs /dev/fuse and permission to mount (root here);
+ * of it being here (page_warmer_landed); the thread hands what it cached to a toucher, hurries a
+ * request out when it pauses or stops, and drops a toucher that fails. Needs /dev/fuse and permission to mount (root here);
  * skips (77) only without them. */
 #include "helpers.h"
 #include "drafter/cleanup.h"
+#include "drafter/clock.h"
 #include "drafter/error.h"
 #include "drafter/fuse_export.h"
 #include "drafter/waiting_cache.h"
@@ -14,6 +16,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -178,6 +181,90 @@ static void test_landed_stores_queued_neighbour(void **state) {
         assert_int_equal(file_byte(f, BLOCKS - 1), 'r');
 }
 
+/* A toucher that records its calls and holds each until released (or hurried). */
+struct toucher_log {
+        pthread_mutex_t m;
+        pthread_cond_t c;
+        int calls, result;
+        uint64_t off, len; /* the first call's */
+        bool hold, in, hurried;
+};
+
+static int log_touch(void *ctx, uint64_t off, uint64_t len) {
+        struct toucher_log *t = ctx;
+        pthread_mutex_lock(&t->m);
+        if (t->calls++ == 0) {
+                t->off = off;
+                t->len = len;
+        }
+        t->in = true;
+        pthread_cond_broadcast(&t->c);
+        while (t->hold)
+                pthread_cond_wait(&t->c, &t->m);
+        t->in = false;
+        int r = t->result;
+        pthread_mutex_unlock(&t->m);
+        return r;
+}
+
+static void log_hurry(void *ctx) {
+        struct toucher_log *t = ctx;
+        pthread_mutex_lock(&t->m);
+        t->hurried = true;
+        t->hold = false;
+        pthread_cond_broadcast(&t->c);
+        pthread_mutex_unlock(&t->m);
+}
+
+static int calls_after(struct toucher_log *t, uint64_t ms) {
+        clock_sleep_ns(ms * NSEC_PER_MSEC);
+        pthread_mutex_lock(&t->m);
+        int n = t->calls;
+        pthread_mutex_unlock(&t->m);
+        return n;
+}
+
+/* Start the thread with toucher t and wait (up to 10 s) for its first call. */
+static void first_touch(struct fixture *f, struct toucher_log *t) {
+        page_warmer_set_toucher(f->w, &(struct page_warmer_toucher){log_touch, log_hurry, t});
+        assert_ok(page_warmer_run(f->w));
+        struct timespec ts;
+        clock_deadline_after(10 * NSEC_PER_SEC, &ts);
+        pthread_mutex_lock(&t->m);
+        while (t->calls == 0)
+                assert_int_equal(pthread_cond_timedwait(&t->c, &t->m, &ts), 0);
+        pthread_mutex_unlock(&t->m);
+        assert_int_equal(t->off % BS, 0);
+        assert_true(t->len > 0 && t->off + t->len <= (uint64_t)BLOCKS * BS);
+}
+
+static void test_toucher_hurried_by_pause(void **state) {
+        struct fixture *f = *state;
+        struct toucher_log t = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .hold = true};
+        first_touch(f, &t);
+        page_warmer_pause(f->w);
+        assert_true(t.hurried);
+        assert_int_equal(calls_after(&t, 300), 1); /* paused: no more */
+}
+
+static void test_toucher_stop_waits(void **state) {
+        struct fixture *f = *state;
+        struct toucher_log t = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .hold = true};
+        first_touch(f, &t);
+        page_warmer_set_toucher(f->w, NULL);
+        assert_true(t.hurried);
+        assert_false(t.in); /* returned only once the request was back */
+        assert_int_equal(calls_after(&t, 300), 1);
+}
+
+static void test_toucher_failing_dropped(void **state) {
+        struct fixture *f = *state;
+        struct toucher_log t = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, .result = -EIO};
+        first_touch(f, &t);
+        /* Every block was cached (more than one run of them), yet it is not asked again. */
+        assert_int_equal(calls_after(&t, 300), 1);
+}
+
 int main(void) {
         if (access("/dev/fuse", R_OK | W_OK) != 0)
                 return 77;
@@ -188,6 +275,9 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_landed_waits_for_neighbours, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_landed_waits_for_window, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_landed_stores_queued_neighbour, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_toucher_hurried_by_pause, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_toucher_stop_waits, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_toucher_failing_dropped, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

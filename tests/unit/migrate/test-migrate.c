@@ -49,6 +49,8 @@ struct world {
         int dest_read_result;
         bool authority_seen;
         unsigned final_calls;
+        unsigned barrier_calls;
+        uint64_t barrier_at_ns; /* on_barrier, on the receiving thread */
         unsigned char *final_copy; /* the FINAL_DEVICE as the destination read it on FINAL */
         /* On FINAL, the other devices' blocks present then, as read then: each must already be
          * its final version (the source sends the final DIRTY lists ahead of FINAL). */
@@ -112,6 +114,13 @@ static void *read_everything(void *arg) {
                 }
         }
         return NULL;
+}
+
+/* On the receiving thread: the source's barrier, just before it suspends. */
+static void barrier_hook(void *ctx) {
+        struct world *w = ctx;
+        if (w->barrier_calls++ == 0)
+                w->barrier_at_ns = clock_now_ns();
 }
 
 /* On the receiving thread, ahead of the hand-over: the device must read whole and final now
@@ -239,6 +248,7 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
         struct migrate_destination_config dcfg = {.open_device = open_dest_device,
                                                   .on_authority = authority_hook,
                                                   .on_final = final_hook,
+                                                  .on_barrier = barrier_hook,
                                                   .ctx = &w,
                                                   .disable_postcopy = disable_postcopy,
                                                   .read_timeout_ns = 10 * NSEC_PER_SEC,
@@ -264,6 +274,9 @@ static void migrate_once(int64_t max_dirty, int64_t min_cycles, int64_t max_cycl
                 fprintf(stderr, "  READY %.1f ms after the start, suspend %.1f ms after READY\n",
                         dest_ready_after_ns / 1e6, (w.suspended_at_ns - w.ready_at_ns) / 1e6);
         }
+        /* The barrier came once, before the suspend (the source waits for its answer). */
+        assert_int_equal(w.barrier_calls, 1);
+        assert_true(w.barrier_at_ns > 0 && w.barrier_at_ns <= w.suspended_at_ns);
         suspend_hook(&w); /* in case the migration ended before suspending (it cannot, but be tidy) */
 
         /* Byte for byte, every block of every device. */

@@ -662,26 +662,51 @@ static void test_inherited_fds(void **state) {
         vmm_free(vm);
 }
 
-/* Kilobytes of process pid's [heap] resident, and whether the heap module is mapped there. */
-static unsigned long heap_kb(pid_t pid, bool *module) {
+/* Kilobytes resident of process pid's mappings whose line ends with `name` ("[heap]", a file's
+ * path), and (if module is not NULL) whether the heap module is mapped there. */
+static unsigned long rss_kb(pid_t pid, const char *name, bool *module) {
         char path[64];
         snprintf(path, sizeof(path), "/proc/%d/smaps", (int)pid);
         _cleanup_fclose_ FILE *f = fopen(path, "re");
         assert_non_null(f);
         char line[4096];
         unsigned long kb = 0;
-        bool in_heap = false;
-        *module = false;
+        bool in = false;
+        if (module)
+                *module = false;
         while (fgets(line, sizeof(line), f)) {
-                if (strstr(line, "drafter-qemu-heap.so"))
+                if (module && strstr(line, "drafter-qemu-heap.so"))
                         *module = true;
                 char *dash = strchr(line, '-'), *space = strchr(line, ' ');
-                if (dash && space && dash < space) /* a mapping's first line */
-                        in_heap = strstr(line, "[heap]") != NULL;
-                else if (in_heap && strncmp(line, "Rss:", 4) == 0)
-                        kb = strtoul(line + 4, NULL, 10);
+                if (dash && space && dash < space) { /* a mapping's first line */
+                        line[strcspn(line, "\n")] = '\0';
+                        size_t n = strlen(line), m = strlen(name);
+                        in = n >= m && strcmp(line + n - m, name) == 0;
+                } else if (in && strncmp(line, "Rss:", 4) == 0) {
+                        kb += strtoul(line + 4, NULL, 10);
+                }
         }
         return kb;
+}
+
+static unsigned long heap_kb(pid_t pid, bool *module) {
+        return rss_kb(pid, "[heap]", module);
+}
+
+/* DRAFTER_QEMU_HEAP_MODULE pointed nowhere (QEMU starts without the module); restore_module()
+ * puts back what it returns. */
+static char *without_module(void) {
+        const char *module = getenv("DRAFTER_QEMU_HEAP_MODULE");
+        char *saved = module ? strdup(module) : NULL;
+        setenv("DRAFTER_QEMU_HEAP_MODULE", "/nonexistent/drafter-qemu-heap.so", 1);
+        return saved;
+}
+
+static void restore_module(const char *saved) {
+        if (saved)
+                setenv("DRAFTER_QEMU_HEAP_MODULE", saved, 1);
+        else
+                unsetenv("DRAFTER_QEMU_HEAP_MODULE");
 }
 
 /* `sleep` under the heap module, with DRAFTER_QEMU_HEAP_MIB=mib (0: unset): its heap's
@@ -760,16 +785,48 @@ static void test_heap_module(void **state) {
                 vmm_free(vm);
         }
 
-        setenv("DRAFTER_QEMU_HEAP_MODULE", "/nonexistent/drafter-qemu-heap.so", 1);
+        _cleanup_free_ char *given = without_module();
         assert_ok(vmm_start(&cfg, false, &vm));
         heap_kb(vmm_pid(vm), &mapped);
         assert_false(mapped);
         assert_ok(vmm_status(vm, &status));
         vmm_free(vm);
-        if (saved)
-                setenv("DRAFTER_QEMU_HEAP_MODULE", saved, 1);
-        else
-                unsetenv("DRAFTER_QEMU_HEAP_MODULE");
+        restore_module(given);
+}
+
+/* The toucher in the heap module (qemu_touch.c): QEMU maps a range of its guest RAM when asked
+ * (an incoming QEMU has touched none of it), refuses ranges outside the file, and without the
+ * module there is none to ask. */
+static void test_toucher(void **state) {
+        struct fixture *f = *state;
+        const char *module = getenv("DRAFTER_QEMU_HEAP_MODULE");
+        _cleanup_free_ char *saved = module ? strdup(module) : NULL;
+        struct vmm_config cfg = config(f, f->run_a);
+        struct vmm *vm = NULL;
+        _cleanup_close_ int memory = open(f->memory, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        assert_true(memory >= 0);
+        assert_int_equal(ftruncate(memory, MEMORY_BYTES), 0); /* sparse: what a restore finds */
+        if (saved) {
+                assert_ok(vmm_start(&cfg, true, &vm));
+                uint64_t mid = MEMORY_BYTES / 2, len = 2 << 20;
+                unsigned long before = rss_kb(vmm_pid(vm), f->memory, NULL);
+                assert_int_equal(vmm_touch_memory(vm, mid, len, VMM_TOUCH_WAIT | VMM_TOUCH_IDLE), 0);
+                unsigned long after = rss_kb(vmm_pid(vm), f->memory, NULL);
+                assert_true(after >= before + len / 1024);
+                vmm_touch_hurry(vm); /* nothing out: harmless */
+                assert_int_equal(vmm_touch_memory(vm, mid + 1, 4096, VMM_TOUCH_WAIT), -ERANGE);
+                assert_int_equal(vmm_touch_memory(vm, MEMORY_BYTES - 4096, 8192, VMM_TOUCH_WAIT), -ERANGE);
+                assert_int_equal(vmm_touch_memory(vm, 0, 0, VMM_TOUCH_DONE), 0);
+                assert_int_equal(vmm_touch_memory(vm, 0, 4096, VMM_TOUCH_WAIT), 0); /* still there */
+                assert_status(vm, "inmigrate");
+                vmm_free(vm);
+        }
+
+        _cleanup_free_ char *given = without_module();
+        assert_ok(vmm_start(&cfg, true, &vm));
+        assert_int_equal(vmm_touch_memory(vm, 0, 4096, VMM_TOUCH_WAIT), -EOPNOTSUPP);
+        vmm_free(vm);
+        restore_module(given);
 }
 
 /* A process that dies without stopping its VM takes QEMU with it (PR_SET_PDEATHSIG). */
@@ -835,6 +892,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_inherited_fds, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_parent_death, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_heap_module, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_toucher, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
