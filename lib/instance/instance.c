@@ -601,15 +601,14 @@ static int start_vmm(struct instance *inst) {
         return r;
 }
 
-static void stop_warmer(struct instance *inst) {
+/* True if there was one (and with it, perhaps, QEMU's toucher at work). */
+static bool stop_warmer(struct instance *inst) {
         pthread_mutex_lock(&inst->lock);
-        bool touched = inst->warmer && inst->vm;
+        bool had = inst->warmer != NULL;
         page_warmer_free(inst->warmer);
         inst->warmer = NULL;
-        /* QEMU's readahead on guest RAM back to normal (its toucher set it off). */
-        if (touched)
-                vmm_touch_memory(inst->vm, 0, 0, VMM_TOUCH_DONE);
         pthread_mutex_unlock(&inst->lock);
+        return had;
 }
 
 /* The warmer's toucher: QEMU maps what the warmer cached, when a CPU is idle. */
@@ -766,8 +765,10 @@ static int restore_and_resume(struct instance *inst, uint64_t since) {
         if (!inst->restore_started && (r = start_restore(inst)) < 0)
                 return r;
         /* The VM runs once QEMU has the last byte: a late copy into the page cache would undo
-         * what it writes from then on. */
-        stop_warmer(inst);
+         * what it writes from then on. QEMU's readahead on guest RAM back to normal (its
+         * toucher turned it off). */
+        if (stop_warmer(inst))
+                vmm_touch_memory(inst->vm, 0, 0, VMM_TOUCH_DONE);
         if ((r = end_feed(inst, false)) < 0 || (r = vmm_restore_wait(inst->vm)) < 0)
                 return r;
         inst->t_restored = MS_SINCE(inst->t0);
