@@ -73,9 +73,9 @@ int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *d
                 return error_set_errno(-errno, "page cache: cannot open %s", path);
         /* Exactly the pages asked for: readahead would also read blocks that have not arrived. */
         int r = posix_fadvise(w->fd, 0, 0, POSIX_FADV_RANDOM);
-        if (r == 0 && !(w->arrived_ns = calloc(block_device_block_count(dev) ? block_device_block_count(dev) : 1, 8)))
-                r = -ENOMEM;
         uint64_t blocks = block_device_block_count(dev);
+        if (r == 0 && !(w->arrived_ns = calloc(blocks ? blocks : 1, 8)))
+                r = -ENOMEM;
         struct bitmap *maps[] = {&w->queued, &w->cached, &w->untouched, &w->mapped, &w->hot};
         for (size_t i = 0; i < ELEMENTSOF(maps) && r == 0; i++)
                 r = bitmap_init(maps[i], blocks);
@@ -83,8 +83,6 @@ int page_warmer_new(struct fuse_export *fx, size_t index, struct block_device *d
                 for (size_t i = 0; i < ELEMENTSOF(maps); i++)
                         bitmap_free(maps[i]); /* fine on a map never set up (calloc) */
                 free(w->arrived_ns);
-        }
-        if (r != 0) {
                 close(w->fd);
                 return r > 0 ? error_set_errno(-r, "page cache: %s", path) : r;
         }
@@ -144,6 +142,12 @@ static void warm(struct page_warmer *w, void *buf, uint64_t off, size_t len) {
                 log_debug("page cache: read of %zu bytes at %" PRIu64 ": %m", len, off);
 }
 
+/* The bytes of blocks [first, first+count): the last block may be short. */
+static size_t run_bytes(const struct page_warmer *w, uint64_t first, uint64_t count, uint64_t *ret_off) {
+        *ret_off = first * w->dev->block_size;
+        return (size_t)(MIN((first + count) * w->dev->block_size, w->dev->size) - *ret_off);
+}
+
 /* Blocks [first, first+count) are in the page cache now: for the toucher too. Lock held. */
 static void now_cached(struct page_warmer *w, uint64_t first, uint64_t count) {
         bitmap_set_range(&w->cached, first, count);
@@ -189,8 +193,8 @@ static void touch_run(struct page_warmer *w, uint64_t first, uint64_t count) {
         struct page_warmer_toucher toucher = w->toucher;
         w->touching = true;
         pthread_mutex_unlock(&w->lock);
-        uint64_t t = clock_now_ns(), off = first * w->dev->block_size;
-        uint64_t len = MIN((first + count) * w->dev->block_size, w->dev->size) - off;
+        uint64_t t = clock_now_ns(), off;
+        size_t len = run_bytes(w, first, count, &off);
         int r = toucher.touch(toucher.ctx, off, len);
         pthread_mutex_lock(&w->lock);
         w->touching = false;
@@ -269,8 +273,8 @@ static void *warm_thread(void *arg) {
                 w->flight_first = first;
                 w->flight_count = count;
                 pthread_mutex_unlock(&w->lock);
-                uint64_t t = clock_now_ns(), off = first * w->dev->block_size;
-                size_t len = (size_t)(MIN((first + count) * w->dev->block_size, w->dev->size) - off);
+                uint64_t t = clock_now_ns(), off;
+                size_t len = run_bytes(w, first, count, &off);
                 warm(w, buf, off, len);
                 pthread_mutex_lock(&w->lock);
                 now_cached(w, first, count);
@@ -359,8 +363,8 @@ void page_warmer_arrived(struct page_warmer *w, uint64_t first, uint64_t count, 
 /* Store one block (read back from the device if `data` is NULL). Called with the lock held and
  * no store of the block in flight. */
 static int store_locked(struct page_warmer *w, uint64_t block, const void *data) {
-        uint64_t t = clock_now_ns(), off = block * w->dev->block_size;
-        size_t len = (size_t)(MIN(off + w->dev->block_size, w->dev->size) - off);
+        uint64_t t = clock_now_ns(), off;
+        size_t len = run_bytes(w, block, 1, &off);
         int r = w->read_through ? -EOPNOTSUPP : 0;
         if (r >= 0 && !data) {
                 if (!w->store_buf && !(w->store_buf = malloc(w->dev->block_size)))
