@@ -45,6 +45,12 @@ enum fuse_export_flags {
          * warmer), so that a fault on a page not cached yet neither waits for neighbours still
          * on their way nor fills pages it does not use. */
         FUSE_EXPORT_BLOCK_READAHEAD = 1 << 2,
+        /* Dirty pages are not held to FUSE's strict share of the dirty limit (a few tens of MB):
+         * the kernel writes them back only when the system has much dirty data or they are old,
+         * and whoever needs the devices current asks (fuse_export_sync, fuse_export_write_back).
+         * For guest RAM: a vCPU that writes a page under write-back waits for the daemon, and
+         * under FUSE's limits some 40 MB were always being written back (docs/design.md). */
+        FUSE_EXPORT_UNTHROTTLED = 1 << 3,
 };
 int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_device *devices, size_t count,
                             unsigned flags, struct fuse_export **ret_export);
@@ -59,6 +65,13 @@ uint32_t fuse_export_read_window(const struct fuse_export *fx);
 /* Write back every page dirtied through mappings or the page cache, and wait until the devices
  * have received them all. Thread-safe. */
 int fuse_export_sync(struct fuse_export *fx);
+
+/* Write back the pages dirtied before the call a `chunk` of each file at a time, each chunk's
+ * write-back waited for before the next starts: only one chunk's pages are ever in write-back, so
+ * a writer that touches one (a running VM's vCPU) waits for a few requests, not for all of them.
+ * Not a barrier on kernels whose FUSE ends write-back before the daemon answers: a page may
+ * still be on its way to the device when it returns (use fuse_export_sync for that). */
+int fuse_export_write_back(struct fuse_export *fx, uint64_t chunk);
 
 /* Drop cached pages of [off, off+len) of device `index` (after its blocks changed underneath). */
 int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, uint64_t len);

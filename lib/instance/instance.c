@@ -554,6 +554,7 @@ static int export_devices(struct instance *inst) {
         /* A live migration's destination: its state load and its first steps faulted 1 MiB
          * windows in, waiting for final blocks still on their way (docs/design.md). */
         unsigned flags = inst->lazy ? FUSE_EXPORT_NO_READAHEAD : inst->dest ? FUSE_EXPORT_BLOCK_READAHEAD : 0;
+        flags |= FUSE_EXPORT_UNTHROTTLED;
         return fuse_export_start_flags(mnt, files, devices->count, flags, &inst->fx);
 }
 
@@ -1103,9 +1104,14 @@ int instance_wait_received(struct instance *inst, struct migrate_stats *ret_stat
         return r < 0 ? r : start_s3(inst, inst->dest);
 }
 
+/* A pre-copy cycle's write-back, while the VM runs: in chunks, so that the vCPU never waits for
+ * more than one chunk's pages (the final one, with the VM paused, is fuse_export_sync's). The
+ * pages it leaves in flight reach the dirty tracker and the next cycle. */
+#define WRITE_BACK_CHUNK (256 * 1024)
+
 static int before_collect(void *ctx) {
         struct instance *inst = ctx;
-        return fuse_export_sync(inst->fx);
+        return fuse_export_write_back(inst->fx, WRITE_BACK_CHUNK);
 }
 
 static int suspend_into_devices(struct instance *inst, bool durable, bool skip_agent);

@@ -327,6 +327,23 @@ static const struct fuse_lowlevel_ops export_ops = {
         .statfs = op_statfs,
 };
 
+/* FUSE holds a mount to a strict share of the dirty limit (strict_limit, max_ratio 1 %): the
+ * kernel writes its pages back as soon as a few tens of MB are dirty. Lifted, the mount is
+ * written back like a disk's file system: when the system as a whole has much dirty data, or
+ * pages are old. Best effort: Linux before 6.2 has no strict_limit file. */
+static void unthrottle(struct fuse_export *fx) {
+        static const char *const knobs[][2] = {{"strict_limit", "0"}, {"max_ratio", "100"}};
+        for (size_t i = 0; i < ELEMENTSOF(knobs); i++) {
+                char path[128];
+                snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/%s", major(fx->dev), minor(fx->dev), knobs[i][0]);
+                int fd = open(path, O_WRONLY | O_CLOEXEC);
+                if (fd < 0 || write(fd, knobs[i][1], strlen(knobs[i][1])) < 0)
+                        log_debug("fuse: cannot set %s to %s: %m", path, knobs[i][1]);
+                if (fd >= 0)
+                        close(fd);
+        }
+}
+
 static void *loop_thread(void *arg) {
         struct fuse_export *fx = arg;
         struct fuse_loop_config *cfg = fuse_loop_cfg_create();
@@ -446,6 +463,8 @@ int fuse_export_start_flags(const char *mountpoint, const struct fuse_export_dev
                 return r;
         }
         fx->dev = st.st_dev;
+        if (flags & FUSE_EXPORT_UNTHROTTLED)
+                unthrottle(fx);
         /* We have no FLUSH handler: the first close() gets ENOSYS and the kernel stops sending
          * FLUSH at all, so no close() of a device file ever waits for us. Do that first close now. */
         if (count > 0) {
@@ -471,12 +490,10 @@ const char *fuse_export_path(struct fuse_export *fx, size_t index) {
         return index < fx->count ? fx->paths[index] : NULL;
 }
 
-int fuse_export_sync(struct fuse_export *fx) {
-        /* syncfs() starts write-back of the pages dirtied through mappings, but on FUSE it can
-         * return before the daemon has received them. fsync() waits for every write-back request
-         * of the file to be answered, so once it returns the device (and its dirty tracker) has
-         * seen every page. The files are opened only for the call: a daemon holding files of its
-         * own mount open could not exit cleanly if it were killed. */
+/* Every writable device file in turn, opened only for the call (a daemon holding files of its
+ * own mount open could not exit cleanly if it were killed); one caller at a time. `chunk` 0:
+ * fsync() each file; else sync_file_range() a chunk at a time. */
+static int write_back(struct fuse_export *fx, uint64_t chunk) {
         int r = 0;
         static pthread_mutex_t one_at_a_time = PTHREAD_MUTEX_INITIALIZER;
         pthread_mutex_lock(&one_at_a_time);
@@ -485,14 +502,32 @@ int fuse_export_sync(struct fuse_export *fx) {
                 if (fx->devices[i].read_only)
                         continue;
                 int fd = open(fx->paths[i], O_RDONLY | O_CLOEXEC);
-                if (fd < 0 || fsync(fd) < 0)
+                if (fd < 0 || (!chunk && fsync(fd) < 0))
                         r = error_set_errno(-errno, "fuse: write-back of %s", fx->paths[i]);
+                for (uint64_t off = 0; chunk && r == 0 && off < fx->devices[i].dev->size; off += chunk)
+                        if (sync_file_range(fd, (off_t)off, (off_t)chunk,
+                                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                                    SYNC_FILE_RANGE_WAIT_AFTER) < 0)
+                                r = error_set_errno(-errno, "fuse: write-back of %s at %" PRIu64, fx->paths[i],
+                                                    off);
                 if (fd >= 0)
                         close(fd);
         }
         __atomic_store_n(&fx->syncing_tid, 0, __ATOMIC_RELEASE);
         pthread_mutex_unlock(&one_at_a_time);
         return r;
+}
+
+int fuse_export_sync(struct fuse_export *fx) {
+        /* syncfs() starts write-back of the pages dirtied through mappings, but on FUSE it can
+         * return before the daemon has received them. fsync() waits for every write-back request
+         * of the file to be answered, so once it returns the device (and its dirty tracker) has
+         * seen every page. */
+        return write_back(fx, 0);
+}
+
+int fuse_export_write_back(struct fuse_export *fx, uint64_t chunk) {
+        return write_back(fx, chunk ? chunk : 1);
 }
 
 int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, uint64_t len) {

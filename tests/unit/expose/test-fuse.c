@@ -1,6 +1,6 @@
 /* FUSE device files: plain I/O, a second process writing through a shared mapping whose pages
  * reach the dirty tracker at fuse_export_sync() (exactly the blocks written, cycle after cycle),
- * reads of
+ * the same written back in chunks by fuse_export_write_back() on an unthrottled mount, reads of
  * missing blocks waiting in the waiting cache, invalidation, and stale-mount cleanup. Needs
  * /dev/fuse and permission to mount (root here); skips (77) only without them. */
 #include "helpers.h"
@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -141,37 +142,71 @@ static void expect_dirty(struct block_device *dev, const uint64_t *want, size_t 
         free(blocks);
 }
 
-static void test_shared_mapping_reaches_dirty_tracker(void **state) {
+/* The blocks written back since the last collection, awaited up to 2 s: exactly `want`. */
+static void await_dirty(struct block_device *dev, const uint64_t want[4], int round) {
+        bool seen[SIZE / BS] = {false};
+        size_t n = 0;
+        for (uint64_t deadline = clock_now_ns() + 2 * NSEC_PER_SEC; n < 4 && clock_now_ns() < deadline;) {
+                uint64_t *blocks;
+                size_t count;
+                assert_ok(dirty_tracker_collect(dev, &blocks, &count));
+                for (size_t i = 0; i < count; i++) {
+                        bool wanted = false;
+                        for (int k = 0; k < 4; k++)
+                                wanted |= blocks[i] == want[k];
+                        if (!wanted)
+                                fail_msg("round %d: block %llu written back, not written", round,
+                                         (unsigned long long)blocks[i]);
+                        n += !seen[blocks[i]];
+                        seen[blocks[i]] = true;
+                }
+                free(blocks);
+                if (n < 4)
+                        clock_sleep_ns(10 * NSEC_PER_MSEC);
+        }
+        assert_int_equal(n, 4);
+}
+
+/* A second process writes two rounds through a shared mapping of the export's memory file (a
+ * dirty-tracked memory device); after each, `chunk` 0: fuse_export_sync() is a barrier and
+ * exactly the blocks written are dirty; else fuse_export_write_back() in chunks of that size,
+ * and exactly those blocks arrive. Their bytes are on the device either way. */
+static void mapping_rounds(const char *name, unsigned flags, uint64_t chunk, const uint64_t rounds[2][4],
+                           const uint64_t want[2][4]) {
         struct block_device *mem, *dev;
         assert_ok(memory_device_open("memory", SIZE, BS, &mem));
         assert_ok(dirty_tracker_wrap(mem, DIRTY_TRACK_ALL, &dev));
-        _cleanup_free_ char *mnt = test_path(dir, "mmap");
+        _cleanup_free_ char *mnt = test_path(dir, name);
         struct fuse_export *fx;
-        assert_ok(fuse_export_start(mnt, &(struct fuse_export_device){"memory", dev, false}, 1, &fx));
+        assert_ok(fuse_export_start_flags(mnt, &(struct fuse_export_device){"memory", dev, false}, 1, flags, &fx));
         live = fx;
-
-        /* Offsets inside blocks 3, 17, 40, 63, then 5, 17, 18, 62: each round marks exactly those. */
-        static const uint64_t rounds[2][4] = {
-                {3 * BS + 100, 17 * BS + 4096, 40 * BS + 9000, 63 * BS + BS - 200},
-                {5 * BS, 17 * BS + 200, 18 * BS + 30000, 62 * BS + 5},
-        };
-        static const uint64_t want[2][4] = {{3, 17, 40, 63}, {5, 17, 18, 62}};
         int ready[2], go[2];
         assert_int_equal(pipe(ready), 0);
         assert_int_equal(pipe(go), 0);
         expect_dirty(dev, NULL, 0);
         pid_t pid = fork();
         assert_true(pid >= 0);
-        if (pid == 0)
+        if (pid == 0) { /* only its own ends: if this process fails, its read of `go` ends */
+                close(ready[0]);
+                close(go[1]);
                 child_writer(fuse_export_path(fx, 0), ready[1], go[0], rounds, 2);
+        }
+        close(ready[1]);
+        close(go[0]);
         for (int r = 0; r < 2; r++) {
                 char c;
                 assert_int_equal(read(ready[0], &c, 1), 1);
-                uint64_t start = clock_now_ns();
-                assert_ok(fuse_export_sync(fx));
-                fprintf(stderr, "  round %d: write-back barrier took %.2f ms\n", r,
-                        (double)(clock_now_ns() - start) / 1e6);
-                expect_dirty(dev, want[r], 4);
+                if (chunk) {
+                        expect_dirty(dev, NULL, 0); /* written to the mapping only */
+                        assert_ok(fuse_export_write_back(fx, chunk));
+                        await_dirty(dev, want[r], r);
+                } else {
+                        uint64_t start = clock_now_ns();
+                        assert_ok(fuse_export_sync(fx));
+                        fprintf(stderr, "  round %d: write-back barrier took %.2f ms\n", r,
+                                (double)(clock_now_ns() - start) / 1e6);
+                        expect_dirty(dev, want[r], 4);
+                }
                 unsigned char got[100];
                 for (int i = 0; i < 4; i++) {
                         assert_ok(block_device_read_at(dev, got, 100, rounds[r][i]));
@@ -183,9 +218,61 @@ static void test_shared_mapping_reaches_dirty_tracker(void **state) {
         int status;
         assert_int_equal(waitpid(pid, &status, 0), pid);
         assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        close(ready[0]);
+        close(go[1]);
         live = NULL;
         fuse_export_stop(fx);
         block_device_close(dev);
+}
+
+static void test_shared_mapping_reaches_dirty_tracker(void **state) {
+        /* Offsets inside blocks 3, 17, 40, 63, then 5, 17, 18, 62: each round marks exactly those. */
+        static const uint64_t rounds[2][4] = {
+                {3 * BS + 100, 17 * BS + 4096, 40 * BS + 9000, 63 * BS + BS - 200},
+                {5 * BS, 17 * BS + 200, 18 * BS + 30000, 62 * BS + 5},
+        };
+        static const uint64_t want[2][4] = {{3, 17, 40, 63}, {5, 17, 18, 62}};
+        mapping_rounds("mmap", 0, 0, rounds, want);
+}
+
+/* FUSE_EXPORT_UNTHROTTLED lifts the mount's strict dirty limit, and fuse_export_write_back()
+ * writes a shared mapping's pages back a chunk at a time (3 pages: chunks straddle blocks). It is
+ * a barrier only where the kernel's FUSE ends write-back at the daemon's answer, so the blocks
+ * are awaited; nothing else writes them back meanwhile (the mount is unthrottled). */
+static void test_write_back_in_chunks(void **state) {
+        static const uint64_t rounds[2][4] = {
+                {2 * BS + 4000, 9 * BS + 12288, 33 * BS + 100, 60 * BS + BS - 100},
+                {2 * BS + 8192, 10 * BS, 33 * BS + 40000, 61 * BS + 5},
+        };
+        static const uint64_t want[2][4] = {{2, 9, 33, 60}, {2, 10, 33, 61}};
+        mapping_rounds("chunks", FUSE_EXPORT_UNTHROTTLED, 3 * 4096, rounds, want);
+}
+
+/* The unthrottled mount's bdi has no strict limit (Linux 6.2 and later have the file). */
+static void test_unthrottled_bdi(void **state) {
+        struct block_device *mem;
+        assert_ok(memory_device_open("memory", SIZE, BS, &mem));
+        _cleanup_free_ char *mnt = test_path(dir, "bdi");
+        struct fuse_export *fx;
+        for (int unthrottled = 0; unthrottled < 2; unthrottled++) {
+                assert_ok(fuse_export_start_flags(mnt, &(struct fuse_export_device){"memory", mem, false}, 1,
+                                                  unthrottled ? FUSE_EXPORT_UNTHROTTLED : 0, &fx));
+                live = fx;
+                struct stat st;
+                assert_int_equal(stat(mnt, &st), 0);
+                char knob[128];
+                snprintf(knob, sizeof(knob), "/sys/class/bdi/%u:%u/strict_limit", major(st.st_dev), minor(st.st_dev));
+                FILE *f = fopen(knob, "r");
+                if (f) {
+                        int v = -1;
+                        assert_int_equal(fscanf(f, "%d", &v), 1);
+                        fclose(f);
+                        assert_int_equal(v, !unthrottled); /* FUSE's default is strict */
+                }
+                live = NULL;
+                fuse_export_stop(fx);
+        }
+        block_device_close(mem);
 }
 
 struct reader {
@@ -297,6 +384,8 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_teardown(test_file_io, stop_live),
                 cmocka_unit_test_teardown(test_shared_mapping_reaches_dirty_tracker, stop_live),
+                cmocka_unit_test_teardown(test_write_back_in_chunks, stop_live),
+                cmocka_unit_test_teardown(test_unthrottled_bdi, stop_live),
                 cmocka_unit_test_teardown(test_missing_block_waits, stop_live),
                 cmocka_unit_test_teardown(test_stale_mount_is_cleared, stop_live),
         };
