@@ -46,10 +46,25 @@ def write(path, journal, stop, seed):
     print(f"writer: {n} acknowledged writes, stopped on request")
 
 
+def open_new_mount(path):
+    """Open a device file of a mount that has just appeared: once in a CI run the file was listed
+    and its open still failed with ENOENT, so that is retried for up to 2 s (any other error, or
+    a file that stays missing, fails as before)."""
+    import time
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def mirror(seed, stop, seconds, pause_ms, pairs):
     import time
     r = random.Random(int(seed))
-    fds = [(os.open(f, os.O_WRONLY), os.open(e, os.O_WRONLY)) for f, e in (p.split(":") for p in pairs)]
+    fds = [(open_new_mount(f), os.open(e, os.O_WRONLY)) for f, e in (p.split(":") for p in pairs)]
     print("writer: started", flush=True)
     end = time.monotonic() + float(seconds) if float(seconds) > 0 else None
     n = 0

@@ -34,8 +34,11 @@ expect_arrived() {
         cmp "$WORK/$1/mnt/disk" "$WORK/expect-disk" || fail "$2: disk differs"
         cmp "$WORK/$1/mnt/small" "$WORK/expect-small" || fail "$2: small differs"
 }
-wait_for_files() { # dir
-        for _ in $(seq 1 200); do [[ -f "$1/disk" ]] && return 0; sleep 0.05; done
+wait_for_files() { # dir: both device files there and opening (not only listed)
+        for _ in $(seq 1 200); do
+                { : <"$1/disk" && : <"$1/small"; } 2>/dev/null && return 0
+                sleep 0.05
+        done
         fail "no device files in $1"
 }
 
