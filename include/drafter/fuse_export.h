@@ -70,7 +70,8 @@ int fuse_export_sync(struct fuse_export *fx);
  * write-back waited for before the next starts: only one chunk's pages are ever in write-back, so
  * a writer that touches one (a running VM's vCPU) waits for a few requests, not for all of them.
  * Not a barrier on kernels whose FUSE ends write-back before the daemon answers: a page may
- * still be on its way to the device when it returns (use fuse_export_sync for that). */
+ * still be on its way to the device when it returns (use fuse_export_sync for that). `chunk` 0:
+ * 16 MiB. */
 int fuse_export_write_back(struct fuse_export *fx, uint64_t chunk);
 
 /* Drop cached pages of [off, off+len) of device `index` (after its blocks changed underneath). */

@@ -23,9 +23,24 @@ def data_for(seed, length):
     return random.Random(seed).randbytes(length)
 
 
+def open_new_mount(path):
+    """Open a device file of a mount that has just appeared: once in a CI run the file was listed
+    and its open still failed with ENOENT, so that is retried for up to 2 s (any other error, or
+    a file that stays missing, fails as before)."""
+    import time
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def write(path, journal, stop, seed):
     r = random.Random(int(seed))
-    fd = os.open(path, os.O_WRONLY)
+    fd = open_new_mount(path)
     size = os.fstat(fd).st_size
     n = 0
     with open(journal, "w", buffering=1) as j:
@@ -44,21 +59,6 @@ def write(path, journal, stop, seed):
             j.write("A\n")
             n += 1
     print(f"writer: {n} acknowledged writes, stopped on request")
-
-
-def open_new_mount(path):
-    """Open a device file of a mount that has just appeared: once in a CI run the file was listed
-    and its open still failed with ENOENT, so that is retried for up to 2 s (any other error, or
-    a file that stays missing, fails as before)."""
-    import time
-    deadline = time.monotonic() + 2
-    while True:
-        try:
-            return os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def mirror(seed, stop, seconds, pause_ms, pairs):

@@ -141,6 +141,20 @@ package_peer_devices() {
                        'blockSize': 65536}, **${3:-{\}}) for n, f in $PKG_FILES]"
 }
 
+# wait_for_files DIR NAME…: a new mount's device files NAME… in DIR exist and open (listed is not
+# enough: once in CI an open failed with ENOENT right after the file was seen), within 10 s.
+wait_for_files() {
+        local dir=$1 name ok
+        shift
+        for _ in $(seq 1 200); do
+                ok=1
+                for name in "$@"; do { : <"$dir/$name"; } 2>/dev/null || { ok=; break; }; done
+                [[ $ok ]] && return 0
+                sleep 0.05
+        done
+        fail "no device files $* in $dir"
+}
+
 # fresh FILE…: empty the files a background process is about to write. Its own `>FILE` runs in the
 # forked child, after the parent may already have read the previous round's content.
 fresh() { local f; for f in "$@"; do : >"$f"; done; }

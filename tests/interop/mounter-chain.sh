@@ -29,17 +29,10 @@ start_mounter() { # variable name raddr laddr
 }
 # expect_arrived NAME LABEL: NAME's mounter completed and holds what the writers were told.
 expect_arrived() {
-        wait_for_files "$WORK/$1/mnt"
+        wait_for_files "$WORK/$1/mnt" disk small
         for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/$1.log" && break; sleep 0.05; done
         cmp "$WORK/$1/mnt/disk" "$WORK/expect-disk" || fail "$2: disk differs"
         cmp "$WORK/$1/mnt/small" "$WORK/expect-small" || fail "$2: small differs"
-}
-wait_for_files() { # dir: both device files there and opening (not only listed)
-        for _ in $(seq 1 200); do
-                { : <"$1/disk" && : <"$1/small"; } 2>/dev/null && return 0
-                sleep 0.05
-        done
-        fail "no device files in $1"
 }
 
 # The writer applies seeded random writes to a device file and mirrors every write that returned
@@ -49,7 +42,7 @@ writer() { # file expect seconds seed
 }
 
 start_mounter A a "" "unix:$WORK/a.sock"
-wait_for_files "$WORK/a/mnt"
+wait_for_files "$WORK/a/mnt" disk small
 writer "$WORK/a/mnt/disk" "$WORK/expect-disk" 30 1 >"$WORK/writer-a.log" &
 WRITER=$!
 sleep 0.5
@@ -59,7 +52,7 @@ wait $WRITER
 grep -q "Completed all device migrations" "$WORK/a.log" || fail "A did not complete"
 grep -q "stopped by Read-only file system\|stopped by Transport endpoint\|stopped by Software caused" "$WORK/writer-a.log" ||
         { cat "$WORK/writer-a.log"; fail "the writer on A was not stopped by the handover"; }
-wait_for_files "$WORK/b/mnt"
+wait_for_files "$WORK/b/mnt" disk small
 for _ in $(seq 1 200); do grep -q "Completed all device migrations" "$WORK/b.log" && break; sleep 0.05; done
 cmp "$WORK/b/mnt/disk" "$WORK/expect-disk" || { cat "$WORK/a.log" "$WORK/b.log"; fail "B: disk differs from what was written on A"; }
 cmp "$WORK/b/mnt/small" "$WORK/expect-small" || fail "B: small differs"

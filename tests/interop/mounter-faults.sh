@@ -22,17 +22,13 @@ start_mounter() { # variable name raddr laddr log
         printf -v "$1" '%s' $!
         on_exit "kill -9 $! 2>/dev/null; umount -l '$WORK/$2/mnt' 2>/dev/null"
 }
-wait_for_files() {
-        for _ in $(seq 1 200); do [[ -f "$1/disk" ]] && return 0; sleep 0.05; done
-        fail "no device files in $1"
-}
 wait_for_log() { # log pattern
         for _ in $(seq 1 300); do grep -q "$2" "$WORK/$1.log" && return 0; sleep 0.05; done
         cat "$WORK/$1.log"; fail "$1: no \"$2\""
 }
 
 start_mounter A a "" "unix:$WORK/a.sock" a
-wait_for_files "$WORK/a/mnt"
+wait_for_files "$WORK/a/mnt" disk
 python3 "$(dirname "$0")/journal.py" mirror 5 "$WORK/writer.stop" 0 1 "$WORK/a/mnt/disk:$WORK/expect-disk" \
         >"$WORK/writer.log" 2>&1 &
 WRITER=$!
@@ -62,7 +58,7 @@ kill -INT "$B2"; wait "$B2" || fail "B2 exited with an error"
 mkdir -p "$WORK/c/base"
 cp "$WORK/disk.img" "$WORK/c/base/"
 start_mounter A2 c "" "unix:$WORK/c.sock" a2
-wait_for_files "$WORK/c/mnt"
+wait_for_files "$WORK/c/mnt" disk
 start_mounter D d "unix:$WORK/c.sock" "" d
 wait_for_log a2 "Migrating 1 devices"
 sleep 0.8

@@ -561,7 +561,7 @@ int fuse_export_sync(struct fuse_export *fx) {
 }
 
 int fuse_export_write_back(struct fuse_export *fx, uint64_t chunk) {
-        return write_back(fx, chunk ? chunk : 1);
+        return write_back(fx, chunk ? chunk : CLEAN_SPAN);
 }
 
 int fuse_export_invalidate(struct fuse_export *fx, size_t index, uint64_t off, uint64_t len) {
